@@ -1,0 +1,71 @@
+"""Pure, jit/vmap/shard_map-safe RL objectives on arrays. No models, optimizers or I/O."""
+
+from jaxrl_llm.objectives.advantages import (
+    EMABaselineState,
+    ema_baseline_init,
+    ema_baseline_update,
+    gae,
+    grpo_advantages,
+    last_token_mask,
+    reinforce_advantages,
+    rloo_advantages,
+    sequence_rewards,
+    shape_rewards,
+    whiten,
+)
+from jaxrl_llm.objectives.aggregation import (
+    LOSS_AGGREGATIONS,
+    Stat,
+    aggregate_loss,
+    loss_terms,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    summarize,
+)
+from jaxrl_llm.objectives.kl import KL_KINDS, kl_penalty
+from jaxrl_llm.objectives.logprobs import token_entropy, token_logprobs
+from jaxrl_llm.objectives.losses import (
+    best_of_group,
+    clipped_surrogate,
+    grpo_loss,
+    ppo_loss,
+    raft_loss,
+    reinforce_loss,
+    rloo_loss,
+    value_loss,
+)
+
+__all__ = [
+    "EMABaselineState",
+    "KL_KINDS",
+    "LOSS_AGGREGATIONS",
+    "Stat",
+    "aggregate_loss",
+    "best_of_group",
+    "clipped_surrogate",
+    "ema_baseline_init",
+    "ema_baseline_update",
+    "gae",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "last_token_mask",
+    "loss_terms",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "ppo_loss",
+    "raft_loss",
+    "reinforce_advantages",
+    "reinforce_loss",
+    "rloo_advantages",
+    "rloo_loss",
+    "sequence_rewards",
+    "shape_rewards",
+    "summarize",
+    "token_entropy",
+    "token_logprobs",
+    "value_loss",
+    "whiten",
+]

@@ -1,0 +1,471 @@
+"""Policy-gradient losses: REINFORCE, RLOO, PPO, GRPO, RAFT, and the PPO value loss.
+
+Each takes plain arrays and returns `(loss, aux)`: `loss` a float32 scalar to
+differentiate, `aux` a dict of `Stat` metrics (sums and counts, so they merge
+exactly across micro-batches and, with `axis_name`, across devices).
+
+Gradient convention. REINFORCE and RLOO build the sequence reward from the
+sampling policy's log-probabilities (the KL penalty lives in the reward), and we
+treat the resulting advantage as a constant: the gradient is
+-sum_n A_n * grad sum_t log pi(y_nt) / N. This is the score-function estimator,
+and what TRL, verl and OpenRLHF compute (they take the KL from rollout-time
+log-probabilities, with no gradient). The source document's pseudocode computes
+the KL from `per_token_logprobs` with `requires_grad=True` and detaches only the
+baseline, so its gradient also has a term kl_coef * (sum_t log pi(y_nt)) / N per
+sequence flowing through the reward; its loss *value* is the same as ours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrl_llm.objectives import _checks
+from jaxrl_llm.objectives.advantages import (
+    reinforce_advantages,
+    rloo_advantages,
+    sequence_rewards,
+)
+from jaxrl_llm.objectives.aggregation import Stat, aggregate_loss
+from jaxrl_llm.objectives.kl import kl_penalty
+
+NONFINITE_SCORE_MODES = ("raise", "mask")
+# Bound on |log pi - log pi_old| before exp: keeps the ratio finite (verl uses 20 too).
+_MAX_ABS_LOG_RATIO = 20.0
+
+
+def _check_token_arrays(mask, **arrays):
+    """All per-token arrays are float `[N, T]` like the first; mask has the same shape."""
+    (first_name, first), *rest = arrays.items()
+    _checks.check_rank(first_name, first, 2, what="[N, T]")
+    _checks.check_float(first_name, first)
+    shape = jnp.shape(first)
+    for name, x in rest:
+        _checks.check_float(name, x)
+        _checks.check_shape(name, x, shape, like=first_name)
+    _checks.check_mask("mask", mask, shape, like=first_name)
+    return shape
+
+
+def _masked_f32(x, keep):
+    # Garbage (even NaN) under mask 0 must not reach the loss or its gradient.
+    return jnp.where(keep, _checks.as_float(x), 0.0)
+
+
+def _scores_and_validity(scores, n, nonfinite_scores):
+    _checks.check_choice("nonfinite_scores", nonfinite_scores, NONFINITE_SCORE_MODES)
+    _checks.check_rank("scores", scores, 1, what="[N], one score per completion")
+    _checks.check_shape("scores", scores, (n,), like="logprobs[:, 0]")
+    _checks.check_float("scores", scores)
+    scores = _checks.as_float(scores)
+    if nonfinite_scores == "raise":
+        _checks.check_finite("scores", scores)
+        return scores, None
+    valid = jnp.isfinite(scores)
+    return jnp.where(valid, scores, 0.0), valid.astype(jnp.float32)
+
+
+def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef, kl_kind, aggregation, nonfinite_scores, axis_name):
+    n, _ = _check_token_arrays(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
+    keep = jnp.asarray(mask) > 0
+    logprobs = _masked_f32(logprobs, keep)
+    ref_logprobs = _masked_f32(ref_logprobs, keep)
+    # The reward (KL included) comes from the sampling policy: a constant for the gradient.
+    seq_rewards = sequence_rewards(
+        scores, lax.stop_gradient(logprobs), ref_logprobs, mask, kl_coef=kl_coef, kind=kl_kind
+    )
+    advantages = lax.stop_gradient(advantage_fn(seq_rewards, valid))
+    loss, loss_stat = aggregate_loss(
+        -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, axis_name=axis_name
+    )
+    kl = kl_penalty(lax.stop_gradient(logprobs), ref_logprobs, kind=kl_kind)
+    weights = jnp.ones((n,), jnp.float32) if valid is None else valid
+    token_weights = keep * weights[:, None]
+    aux = {
+        "loss/policy": loss_stat,
+        "kl": Stat.of(kl, token_weights, axis_name=axis_name),
+        "kl/sequence": Stat.of(jnp.sum(jnp.where(keep, kl, 0.0), -1), weights, axis_name=axis_name),
+        "reward/score": Stat.of(scores, weights, axis_name=axis_name),
+        "reward/total": Stat.of(seq_rewards, weights, axis_name=axis_name),
+        "advantage": Stat.of(advantages, weights, axis_name=axis_name),
+        "completion/length": Stat.of(jnp.sum(keep, -1), weights, axis_name=axis_name),
+        "completion/valid": Stat.of(weights, axis_name=axis_name),
+    }
+    return loss, aux
+
+
+def reinforce_loss(
+    logprobs,
+    ref_logprobs,
+    scores,
+    mask,
+    *,
+    kl_coef: float = 0.1,
+    kl_kind: str = "k1",
+    baseline=None,
+    aggregation: str = "seq-mean-token-sum",
+    nonfinite_scores: str = "raise",
+    axis_name=None,
+):
+    """REINFORCE with a baseline, the whole completion as one action (bandit).
+
+    R_n = score_n - kl_coef * sum_t kl(y_nt),  A_n = R_n - b,
+    loss = -1/N sum_n A_n sum_t log pi(y_nt)      (aggregation "seq-mean-token-sum")
+
+    b is the batch mean of R (default) or a given baseline, e.g. from
+    `ema_baseline_update`. Williams 1992; Ahmadian et al. 2024, "Back to Basics:
+    Revisiting REINFORCE Style Optimization for Learning from Human Feedback in
+    LLMs", https://arxiv.org/abs/2402.14740. A is a constant for the gradient
+    (see the module docstring for how this differs from the source pseudocode).
+
+    Args:
+      logprobs: `[N, T]` policy log-probabilities of the sampled tokens (with gradient).
+      ref_logprobs: `[N, T]` frozen reference log-probabilities.
+      scores: `[N]` sequence scores, added at each completion's last token.
+      mask: `[N, T]` completion mask (1 up to and including EOS).
+      kl_coef: KL coefficient beta.
+      kl_kind: "k1" | "k2" | "k3" estimator inside the reward.
+      baseline: None (batch mean), a scalar or `[N]`.
+      aggregation: see `aggregation.loss_terms`; the default reproduces the paper.
+      nonfinite_scores: "raise" (ValueError when called eagerly on NaN/inf scores)
+        or "mask" (drop those completions from the baseline, the loss and the metrics).
+      axis_name: mapped axis the batch is split over (batch mean and loss
+        denominators become global).
+
+    Returns:
+      `(loss, aux)`; aux keys: loss/policy, kl, kl/sequence, reward/score,
+      reward/total, advantage, completion/length, completion/valid.
+    """
+    return _bandit_loss(
+        logprobs, ref_logprobs, scores, mask,
+        advantage_fn=lambda r, valid: reinforce_advantages(r, baseline=baseline, valid=valid, axis_name=axis_name),
+        kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
+        nonfinite_scores=nonfinite_scores, axis_name=axis_name,
+    )
+
+
+def rloo_loss(
+    logprobs,
+    ref_logprobs,
+    scores,
+    mask,
+    *,
+    num_samples: int,
+    kl_coef: float = 0.1,
+    kl_kind: str = "k1",
+    aggregation: str = "seq-mean-token-sum",
+    nonfinite_scores: str = "raise",
+    axis_name=None,
+):
+    """REINFORCE leave-one-out (RLOO): each sample's baseline is the mean of the other K-1.
+
+    R_n as in `reinforce_loss`; for sample i of a prompt with samples 1..K,
+    A_i = R_i - 1/(K-1) sum_{j != i} R_j,  loss = -1/N sum_n A_n sum_t log pi(y_nt).
+    Kool et al. 2019 (https://openreview.net/forum?id=r1lgTGL5DE); Ahmadian et
+    al. 2024 (https://arxiv.org/abs/2402.14740).
+
+    Args:
+      logprobs, ref_logprobs, scores, mask: as in `reinforce_loss`, prompt-major
+        in groups of `num_samples` (`[p0s0, p0s1, ..., p1s0, ...]`).
+      num_samples: K >= 2; N must be divisible by K (per device, when split).
+      kl_coef, kl_kind, aggregation, nonfinite_scores, axis_name: as in
+        `reinforce_loss`. With "mask", the leave-one-out mean is over the valid
+        others; a sample with no valid other gets advantage 0.
+
+    Returns:
+      `(loss, aux)` with the keys of `reinforce_loss`.
+    """
+    return _bandit_loss(
+        logprobs, ref_logprobs, scores, mask,
+        advantage_fn=lambda r, valid: rloo_advantages(r, num_samples=num_samples, valid=valid),
+        kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
+        nonfinite_scores=nonfinite_scores, axis_name=axis_name,
+    )
+
+
+def _token_advantages(advantages, shape):
+    _checks.check_float("advantages", advantages)
+    if jnp.shape(advantages) == shape[:1]:
+        return jnp.broadcast_to(_checks.as_float(advantages)[:, None], shape)
+    _checks.check_shape("advantages", advantages, shape, like="logprobs (or [N] for sequence-level advantages)")
+    return _checks.as_float(advantages)
+
+
+def _check_clip(clip_eps, clip_eps_high, dual_clip):
+    _checks.check_positive_float("clip_eps", clip_eps)
+    if clip_eps_high is not None:
+        _checks.check_positive_float("clip_eps_high", clip_eps_high)
+    if dual_clip is not None and (isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
+        raise ValueError(f"`dual_clip` must be None or a number > 1 (e.g. 3.0); got {dual_clip!r}.")
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None):
+    """Per-token PPO clipped surrogate loss (to minimise), with optional asymmetric and dual clip.
+
+    rho = exp(log pi - log pi_old),
+    l = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))       (Schulman et al. 2017)
+    and, with dual clip c > 1, l = min(l, -c A) where A < 0          (Ye et al. 2020,
+    https://arxiv.org/abs/1912.09729). eps_high defaults to eps_low (DAPO raises it,
+    https://arxiv.org/abs/2503.14476).
+
+    Returns `(loss [N, T], ratio [N, T], clipped [N, T] bool, log_ratio [N, T])`.
+    """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = jnp.clip(logprobs - old_logprobs, -_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = jnp.where(advantages < 0, jnp.minimum(loss, -dual_clip * advantages), loss)
+    return loss, ratio, clipped > unclipped, log_ratio
+
+
+def _ratio_metrics(ratio, clipped, log_ratio, keep, axis_name):
+    return {
+        "clipfrac": Stat.of(clipped.astype(jnp.float32), keep, axis_name=axis_name),
+        # k3 estimate of KL(pi_old || pi): non-negative, unbiased.
+        "approx_kl": Stat.of(jnp.expm1(-log_ratio) + log_ratio, keep, axis_name=axis_name),
+        "ratio": Stat.of(ratio, keep, axis_name=axis_name),
+    }
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="token-mean", axis_name=None):
+    """Clipped value-function loss of PPO.
+
+    v_clip = old_v + clip(v - old_v, -c, c),
+    l = 1/2 max((v - R)^2, (v_clip - R)^2),   or 1/2 (v - R)^2 with `clip=None`.
+    (The clipped form is from OpenAI baselines' PPO2 and the original RLHF code.)
+
+    Args:
+      values: `[N, T]` current value predictions (with gradient).
+      old_values: `[N, T]` value predictions at rollout time.
+      returns: `[N, T]` targets (e.g. from `gae`).
+      mask: `[N, T]` completion mask.
+      clip: c > 0, or None for no clipping.
+      aggregation, axis_name: as in `aggregate_loss`.
+
+    Returns:
+      `(loss, aux)`; aux keys loss/value, value/error (mean squared error), value/clipfrac.
+    """
+    _check_token_arrays(mask, values=values, old_values=old_values, returns=returns)
+    if clip is not None:
+        _checks.check_positive_float("clip", clip)
+    keep = jnp.asarray(mask) > 0
+    values = _masked_f32(values, keep)
+    old_values = _masked_f32(old_values, keep)
+    returns = lax.stop_gradient(_masked_f32(returns, keep))
+    squared_error = (values - returns) ** 2
+    if clip is None:
+        per_token, was_clipped = 0.5 * squared_error, jnp.zeros_like(keep)
+    else:
+        clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
+        clipped_error = (clipped_values - returns) ** 2
+        per_token, was_clipped = 0.5 * jnp.maximum(squared_error, clipped_error), clipped_error > squared_error
+    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, axis_name=axis_name)
+    aux = {
+        "loss/value": loss_stat,
+        "value/error": Stat.of(squared_error, keep, axis_name=axis_name),
+        "value/clipfrac": Stat.of(was_clipped.astype(jnp.float32), keep, axis_name=axis_name),
+    }
+    return loss, aux
+
+
+def ppo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    values=None,
+    old_values=None,
+    returns=None,
+    value_clip: float | None = 0.2,
+    vf_coef: float = 0.1,
+    entropy=None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token-mean",
+    axis_name=None,
+):
+    """PPO: token-level clipped surrogate, optional clipped value loss and entropy bonus.
+
+    loss = agg(l_clip) + vf_coef * value_loss - entropy_coef * agg(H), with
+    l_clip from `clipped_surrogate`. Schulman et al. 2017, "Proximal Policy
+    Optimization Algorithms", https://arxiv.org/abs/1707.06347; the RLHF set-up of
+    Ouyang et al. 2022 (KL in the reward via `shape_rewards`, advantages via `gae`).
+
+    Args:
+      logprobs: `[N, T]` current policy log-probabilities (with gradient).
+      old_logprobs: `[N, T]` log-probabilities at rollout time.
+      advantages: `[N, T]`, or `[N]` for a sequence-level advantage (REINFORCE/RLOO
+        with several updates per batch, as TRL does) broadcast over tokens.
+      mask: `[N, T]` completion mask.
+      clip_eps, clip_eps_high, dual_clip: see `clipped_surrogate`.
+      values, old_values, returns: `[N, T]` each, all or none; with them the
+        clipped value loss (`value_loss`) is added with weight `vf_coef`.
+      value_clip: value clipping range, or None.
+      vf_coef: value loss weight.
+      entropy: optional `[N, T]` per-token entropy (`token_entropy`) for a bonus.
+      entropy_coef: entropy bonus weight.
+      aggregation: see `aggregation.loss_terms`.
+      axis_name: mapped axis the batch is split over.
+
+    Returns:
+      `(loss, aux)`; aux keys loss/policy, clipfrac, approx_kl, ratio, advantage,
+      and with values loss/value, value/error, value/clipfrac; with entropy, entropy.
+    """
+    shape = _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    _check_clip(clip_eps, clip_eps_high, dual_clip)
+    value_args = {"values": values, "old_values": old_values, "returns": returns}
+    given = [name for name, x in value_args.items() if x is not None]
+    if given and len(given) != 3:
+        missing = sorted(set(value_args) - set(given))
+        raise ValueError(f"`values`, `old_values` and `returns` go together; got {given} without {missing}.")
+    keep = jnp.asarray(mask) > 0
+    advantages = lax.stop_gradient(_masked_f32(_token_advantages(advantages, shape), keep))
+    per_token, ratio, clipped, log_ratio = clipped_surrogate(
+        _masked_f32(logprobs, keep), lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages,
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+    )
+    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, axis_name=axis_name)
+    aux = {"loss/policy": loss_stat, "advantage": Stat.of(advantages, keep, axis_name=axis_name)}
+    aux.update(_ratio_metrics(ratio, clipped, log_ratio, keep, axis_name))
+    if given:
+        v_loss, v_aux = value_loss(
+            values, old_values, returns, mask, clip=value_clip, aggregation=aggregation, axis_name=axis_name
+        )
+        loss = loss + vf_coef * v_loss
+        aux.update(v_aux)
+    if entropy is not None:
+        _checks.check_float("entropy", entropy)
+        _checks.check_shape("entropy", entropy, shape, like="logprobs")
+        entropy_mean, entropy_stat = aggregate_loss(_masked_f32(entropy, keep), mask, aggregation, axis_name=axis_name)
+        loss = loss - entropy_coef * entropy_mean
+        aux["entropy"] = entropy_stat
+    return loss, aux
+
+
+def grpo_loss(
+    logprobs,
+    old_logprobs,
+    ref_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    kl_coef: float = 0.04,
+    kl_kind: str = "k3",
+    aggregation: str = "seq-mean-token-mean",
+    axis_name=None,
+):
+    """GRPO: the clipped surrogate with group-relative advantages and the KL *in the loss*.
+
+    l_t = l_clip_t + kl_coef * k3(pi || pi_ref)_t, aggregated per sequence then
+    averaged (original GRPO; pass aggregation="token-mean" for DAPO or
+    "seq-mean-token-sum-norm" for Dr. GRPO). Unlike REINFORCE/RLOO, the KL term here
+    carries gradient. Shao et al. 2024, https://arxiv.org/abs/2402.03300.
+
+    Args:
+      logprobs: `[N, T]` current policy log-probabilities (with gradient).
+      old_logprobs: `[N, T]` log-probabilities at rollout time.
+      ref_logprobs: `[N, T]` reference log-probabilities.
+      advantages: `[N]` from `grpo_advantages` (or `[N, T]`).
+      mask: `[N, T]` completion mask.
+      clip_eps, clip_eps_high: see `clipped_surrogate`.
+      kl_coef: weight of the KL term (0 disables it).
+      kl_kind: KL estimator ("k3" in the paper).
+      aggregation, axis_name: as in `ppo_loss`.
+
+    Returns:
+      `(loss, aux)`; aux keys loss/policy (surrogate + KL), clipfrac, approx_kl,
+      ratio, advantage, kl.
+    """
+    shape = _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    _check_clip(clip_eps, clip_eps_high, None)
+    keep = jnp.asarray(mask) > 0
+    logprobs = _masked_f32(logprobs, keep)
+    ref_logprobs = _masked_f32(ref_logprobs, keep)
+    advantages = lax.stop_gradient(_masked_f32(_token_advantages(advantages, shape), keep))
+    per_token, ratio, clipped, log_ratio = clipped_surrogate(
+        logprobs, lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages,
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+    )
+    kl = kl_penalty(logprobs, ref_logprobs, kind=kl_kind)
+    loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, axis_name=axis_name)
+    aux = {
+        "loss/policy": loss_stat,
+        "advantage": Stat.of(advantages, keep, axis_name=axis_name),
+        "kl": Stat.of(kl, keep, axis_name=axis_name),
+    }
+    aux.update(_ratio_metrics(ratio, clipped, log_ratio, keep, axis_name))
+    return loss, aux
+
+
+def best_of_group(scores, *, num_samples: int):
+    """`[N]` 0/1 marking the highest-scoring sample of each group (first on ties)."""
+    k = _checks.check_num_samples(num_samples, jnp.shape(scores)[0], minimum=1)
+    grouped = jnp.reshape(scores, (-1, k))
+    return jnp.reshape(jax.nn.one_hot(jnp.argmax(grouped, axis=-1), k), (-1,))
+
+
+def raft_loss(
+    logprobs,
+    scores,
+    mask,
+    *,
+    num_samples: int,
+    aggregation: str = "token-mean",
+    nonfinite_scores: str = "raise",
+    axis_name=None,
+):
+    """RAFT: negative log-likelihood of the best of the K samples of each prompt.
+
+    loss = -agg over {n : n = argmax_{j in group} score_j} of log pi(y_nt).
+    Reward rAnked FineTuning, Dong et al. 2023, https://arxiv.org/abs/2304.06767.
+
+    Args:
+      logprobs: `[N, T]` policy log-probabilities (with gradient).
+      scores: `[N]` sequence scores, prompt-major groups of `num_samples`.
+      mask: `[N, T]` completion mask.
+      num_samples: K >= 1.
+      aggregation: see `aggregation.loss_terms` (only selected samples count).
+      nonfinite_scores: "raise", or "mask" (a non-finite score is never selected).
+      axis_name: mapped axis the batch is split over.
+
+    Returns:
+      `(loss, aux)`; aux keys loss/policy, reward/score (all samples),
+      reward/selected (the selected ones).
+    """
+    n, _ = _check_token_arrays(mask, logprobs=logprobs)
+    scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
+    ranking = scores if valid is None else jnp.where(valid > 0, scores, -jnp.inf)
+    selected = best_of_group(ranking, num_samples=num_samples)
+    keep = jnp.asarray(mask) > 0
+    loss, loss_stat = aggregate_loss(
+        -_masked_f32(logprobs, keep), mask, aggregation, seq_mask=selected, axis_name=axis_name
+    )
+    weights = jnp.ones((n,), jnp.float32) if valid is None else valid
+    aux = {
+        "loss/policy": loss_stat,
+        "reward/score": Stat.of(scores, weights, axis_name=axis_name),
+        "reward/selected": Stat.of(scores, selected, axis_name=axis_name),
+    }
+    return loss, aux
+
+
+__all__ = [
+    "reinforce_loss",
+    "rloo_loss",
+    "ppo_loss",
+    "grpo_loss",
+    "raft_loss",
+    "value_loss",
+    "clipped_surrogate",
+    "best_of_group",
+]
