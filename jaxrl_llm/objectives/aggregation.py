@@ -75,9 +75,9 @@ def _safe_divide(numerator, denominator):
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
 
 
-def summarize(aux) -> dict[str, float]:
-    """Plain floats `{name: mean}` from an `aux` dict of `Stat`s (host side)."""
-    return {name: float(stat.mean) for name, stat in aux.items()}
+def summarize(aux) -> dict[str, jax.Array]:
+    """`{name: mean}` from an `aux` dict of `Stat`s (works under jit; `float()` on the host)."""
+    return {name: stat.mean for name, stat in aux.items()}
 
 
 def masked_sum(x, mask, *, axis=None, axis_name=None):
@@ -159,7 +159,9 @@ def aggregate_loss(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None, d
       denominator, plus a constant (no gradient) that makes its *value* the
       global loss on every device. Its gradient is therefore this shard's share of
       the global gradient: under `pmap`, combine with `lax.psum(grads, axis)`;
-      under `shard_map` with replicated parameters JAX inserts that psum itself.
+      under `shard_map` with replicated parameters JAX inserts that psum itself
+      (there the loss is typed as varying over the axis; return it with
+      `P(axis)` or read the global value from `stat`).
       `stat` is a `Stat` ratio (numerator, denominator), summed over devices.
       An empty mask gives loss 0, not NaN.
     """
