@@ -1,0 +1,52 @@
+"""Flax NNX causal LMs that load Hugging Face checkpoints and match transformers' logits.
+
+Families: Llama (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), GPT-NeoX (Pythia), Gemma 3 text.
+Heads for RL: ``ValueHead`` / ``make_critic`` (PPO) and ``RewardModel`` (sequence classification).
+"""
+
+from jaxrl_llm.models.base import CausalLM
+from jaxrl_llm.models.heads import (
+    Critic,
+    RewardModel,
+    ValueHead,
+    make_critic,
+    reward_model_from_pretrained,
+)
+from jaxrl_llm.models.hf_io import from_config, from_pretrained, save_pretrained
+from jaxrl_llm.models.layers import KVCache
+
+
+def init_cache(model: CausalLM, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """Empty KV cache: k/v per layer [B, max_length, kv_heads, head_dim], ``valid`` [B, max_length], ``index`` 0.
+
+    ``dtype`` defaults to the model's parameter dtype.
+    """
+    return model.init_cache(batch_size, max_length, dtype)
+
+
+def hidden_states(model: CausalLM, input_ids, attention_mask=None, positions=None):
+    """Final normed hidden states [B, S, D] (what heads consume); ``model.unembed(h)`` gives the logits."""
+    hidden, _ = model.hidden_states(input_ids, attention_mask, positions)
+    return hidden
+
+
+def unembedding_matrix(model: CausalLM):
+    """[D, V] matrix W with ``logits = softcap(hidden @ W)``; see ``CausalLM.unembed``."""
+    return model.unembedding_matrix()
+
+
+__all__ = [
+    "CausalLM",
+    "Critic",
+    "KVCache",
+    "RewardModel",
+    "ValueHead",
+    "from_config",
+    "from_pretrained",
+    "hidden_states",
+    "init_cache",
+    "make_critic",
+    "reward_model_from_pretrained",
+    "save_pretrained",
+    "unembedding_matrix",
+]
