@@ -1,0 +1,168 @@
+"""Rewards: the task's verifier, Python functions, and reward models, combined with weights.
+
+A reward term maps a batch of `Sample`s to one float each. `RewardFunction`
+sums the weighted terms, applies the missing-EOS penalty, optional clipping and
+normalisation, and turns a term that raises or returns NaN into either a clear
+error naming the term and the sample, or (with `on_error="mask"`) a sample that
+is dropped from the baseline and the loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Sample(NamedTuple):
+    """One completion as the reward terms see it."""
+
+    example: object  # the task's Example (prompt and reference answer)
+    text: str  # decoded completion, EOS excluded
+    finished: bool  # the completion ended with EOS
+    token_ids: tuple[int, ...]  # completion token ids, EOS included when finished
+
+
+Term = Callable[[Sequence[Sample]], Sequence[float]]
+
+
+class RewardError(ValueError):
+    """A reward term failed or returned a non-finite value."""
+
+
+def task_term(task) -> Term:
+    """The task's own verifier."""
+
+    def verifier(samples):
+        return task.score_batch([s.example for s in samples], [s.text for s in samples], [s.finished for s in samples])
+
+    verifier.__name__ = f"{type(task).__name__}.score_batch"
+    return verifier
+
+
+def python_term(target: str) -> Term:
+    """`"package.module:function"`, called as `function(prompts, completions) -> floats`."""
+    if ":" not in target:
+        raise ValueError(f"`reward.terms[].target`: got {target!r}, expected 'package.module:function'.")
+    module_name, fn_name = target.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"`reward.terms[].target`: cannot import {target!r} ({e}).") from e
+
+    def call(samples):
+        return fn([s.example.prompt for s in samples], [s.text for s in samples])
+
+    call.__name__ = target
+    return call
+
+
+def reward_model_term(path: str, *, batch_size: int = 32) -> Term:
+    """Score prompt + completion text with a sequence-classification reward model."""
+    import jax.numpy as jnp
+    import transformers
+
+    from jaxrl_llm.models import reward_model_from_pretrained
+
+    model = reward_model_from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def score(samples):
+        out = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            enc = tokenizer([s.example.prompt + s.text for s in chunk], return_tensors="np", padding=True)
+            out.extend(np.asarray(model(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))).tolist())
+        return out
+
+    score.__name__ = f"reward_model({path})"
+    return score
+
+
+class RewardFunction:
+    """Weighted sum of reward terms, with the penalties and checks of `RewardConfig`."""
+
+    def __init__(self, terms: Sequence[tuple[float, Term]], *, missing_eos_penalty=0.0, clip=None,
+                 normalize=False, on_error="raise"):
+        if on_error not in ("raise", "mask"):
+            raise ValueError(f"`reward.on_error`: got {on_error!r}, expected 'raise' or 'mask'.")
+        self.terms = list(terms)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.clip = clip
+        self.normalize = normalize
+        self.on_error = on_error
+
+    def _evaluate(self, term: Term, samples: Sequence[Sample]) -> np.ndarray:
+        name = getattr(term, "__name__", repr(term))
+        try:
+            values = np.asarray(term(samples), dtype=np.float64)
+        except Exception as batch_error:  # find the sample that breaks it, to name it
+            values = np.empty(len(samples))
+            for i, sample in enumerate(samples):
+                try:
+                    values[i] = float(np.asarray(term([sample]), dtype=np.float64).reshape(-1)[0])
+                except Exception as e:
+                    if self.on_error == "raise":
+                        raise RewardError(
+                            f"reward term {name} raised {type(e).__name__}: {e} on sample {i} "
+                            f"(prompt {sample.example.prompt!r}, completion {sample.text!r}). "
+                            f"Set reward.on_error=mask to drop such samples."
+                        ) from e
+                    values[i] = np.nan
+            if not np.isnan(values).any():
+                raise RewardError(f"reward term {name} failed on the batch but on no single sample: {batch_error}") from batch_error
+        if values.shape != (len(samples),):
+            raise RewardError(f"reward term {name} returned shape {values.shape}, expected ({len(samples)},).")
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size and self.on_error == "raise":
+            i = int(bad[0])
+            raise RewardError(
+                f"reward term {name} returned {values[i]} for sample {i} (prompt {samples[i].example.prompt!r}, "
+                f"completion {samples[i].text!r}); {bad.size} non-finite in the batch. "
+                f"Set reward.on_error=mask to drop such samples."
+            )
+        return values
+
+    def __call__(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(scores [N] float32, valid [N] bool)`; invalid samples have score 0."""
+        total = np.zeros(len(samples))
+        for weight, term in self.terms:
+            total = total + weight * self._evaluate(term, samples)
+        finished = np.array([s.finished for s in samples], dtype=bool)
+        total = total - self.missing_eos_penalty * (~finished)
+        valid = np.isfinite(total)
+        if self.clip is not None:
+            total = np.clip(total, -self.clip, self.clip)
+        if self.normalize and valid.sum() > 1:
+            mean, std = total[valid].mean(), total[valid].std()
+            total = (total - mean) / (std + 1e-8)
+        return np.where(valid, total, 0.0).astype(np.float32), valid
+
+
+def build_reward(reward_config, task) -> RewardFunction:
+    """A `RewardFunction` from `RewardConfig` (see `training/config.py`)."""
+    terms = []
+    for i, spec in enumerate(reward_config.terms):
+        if spec.kind == "task":
+            if task is None or not hasattr(task, "score_batch"):
+                raise ValueError(f"`reward.terms[{i}]`: kind 'task' needs a task with a verifier.")
+            terms.append((spec.weight, task_term(task)))
+        elif spec.kind == "python":
+            terms.append((spec.weight, python_term(spec.target)))
+        else:
+            terms.append((spec.weight, reward_model_term(spec.target)))
+    return RewardFunction(
+        terms,
+        missing_eos_penalty=reward_config.missing_eos_penalty,
+        clip=reward_config.clip,
+        normalize=reward_config.normalize,
+        on_error=reward_config.on_error,
+    )
+
+
+__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "python_term", "reward_model_term", "task_term"]

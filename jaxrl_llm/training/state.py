@@ -1,0 +1,49 @@
+"""The train state: one pytree holding everything a step reads and writes.
+
+`params` holds what the optimizer trains: `{"policy": ...}` and, for PPO only,
+`{"critic": ...}`. `ref_params` is the frozen reference policy; it is never seen
+by the optimizer. `rng` is the run's base key: each step derives its own keys
+with `fold_in(rng, step)`, so resuming at step n replays exactly the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrl_llm.objectives import EMABaselineState, ema_baseline_init
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # RL steps completed (int32 scalar)
+    params: dict[str, Any]  # {"policy": nnx.State, "critic": nnx.State (PPO only)}
+    ref_params: Any  # frozen reference policy (nnx.State)
+    opt_state: Any  # optax state of `params`
+    rng: jax.Array  # base PRNG key of the run
+    baseline: EMABaselineState | None  # REINFORCE's EMA baseline, else None
+
+    @classmethod
+    def create(cls, *, policy_params, critic_params=None, optimizer: optax.GradientTransformation, seed: int,
+               ema_baseline: bool = False) -> "TrainState":
+        params = {"policy": policy_params}
+        if critic_params is not None:
+            params["critic"] = critic_params
+        # A separate copy: the reference must not alias buffers the update donates.
+        ref_params = jax.tree.map(jnp.copy, policy_params)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ref_params=ref_params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.PRNGKey(seed),
+            baseline=ema_baseline_init() if ema_baseline else None,
+        )
+
+
+def step_keys(state: TrainState, step: int):
+    """`(generation_key, shuffle_key)` of a step: a pure function of the base key and the step."""
+    return tuple(jax.random.split(jax.random.fold_in(state.rng, step), 2))

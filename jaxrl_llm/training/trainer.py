@@ -1,0 +1,334 @@
+"""The trainer: from prompts to a parameter update, end to end, in the order it happens.
+
+    prompts ─► generate (KV-cache sampler) ─► decode ─► reward ─► prepare (old/ref logprobs,
+    values, advantages) ─► update (epochs x minibatches of loss -> grads -> optax) ─► log, eval, checkpoint
+
+How this departs from the algorithms as papers state them:
+- The reward carries the KL penalty (score - kl_coef * sum_t kl_t) and the
+  advantage is a constant for the gradient, as in TRL/verl/OpenRLHF; the source
+  document's pseudocode also lets gradient flow through the KL term.
+- Training log-probabilities are recomputed at the *sampling temperature*.
+  The sampler's own log-probabilities are not reused: the "old" policy of the
+  ratio is this recomputation, so ratio == 1 exactly on the first update.
+- Samples whose reward failed (with `reward.on_error=mask`) are dropped from
+  every baseline, advantage and loss of the step rather than scored 0.
+- With more than one update per batch, REINFORCE and RLOO use PPO's clipped
+  ratio on their sequence advantages (as TRL's RLOO does); with one, they are
+  exactly the seed's estimator.
+
+Multi-device: `jax.jit` over a `(data, fsdp)` mesh; the batch is split over all
+devices, parameters and optimizer state are replicated (`fsdp=1`) or sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import transformers
+from flax import nnx
+
+from jaxrl_llm import models, parallel
+from jaxrl_llm.rewards import RewardError, Sample, build_reward
+from jaxrl_llm.rollout import generate
+from jaxrl_llm.tasks import get_task
+from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, minibatch_indices, take
+from jaxrl_llm.training.checkpoint import Checkpointer
+from jaxrl_llm.training.config import Config
+from jaxrl_llm.training.logging import MetricsLogger, plot_curves
+from jaxrl_llm.training.state import TrainState, step_keys
+
+BUILTIN_MODELS = {"builtin:tiny_arithmetic"}
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def resolve_model_path(config: Config) -> tuple[str, str | None]:
+    """`(directory or file, gguf_file)` of the configured policy."""
+    path, gguf_file = config.model.path, config.model.gguf_file
+    if path == "builtin:tiny_arithmetic":
+        from jaxrl_llm.tasks.arithmetic import default_policy_path
+
+        return str(default_policy_path()), None
+    if path.startswith("builtin:"):
+        raise ValueError(f"`model.path`: got {path!r}, expected a directory, a GGUF file, or one of {sorted(BUILTIN_MODELS)}.")
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    if not os.path.exists(path):
+        raise ValueError(f"`model.path`: got {path!r}, which does not exist (no hub downloads: give a local path).")
+    return path, gguf_file
+
+
+def load_policy(config: Config):
+    directory, gguf_file = resolve_model_path(config)
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    policy = models.from_pretrained(directory, dtype=dtype, gguf_file=gguf_file)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return policy, tokenizer
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    o = config.optim
+    steps = max(config.train.steps * config.algo.update_epochs * config.algo.num_minibatches, 1)
+    if o.schedule == "constant":
+        schedule = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "linear":
+        schedule = optax.linear_schedule(o.learning_rate, 0.0, steps)
+    else:
+        schedule = optax.cosine_decay_schedule(o.learning_rate, steps)
+    if o.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), schedule], [o.warmup_steps])
+    chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm else []
+    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    return optax.chain(*chain)
+
+
+def encode_prompts(tokenizer, prompts: list[str], multiple: int = 8):
+    """Left-padded ids and mask, padded to a multiple of `multiple` so shapes (and compiles) repeat."""
+    enc = tokenizer(prompts, padding=True, pad_to_multiple_of=multiple, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: set[int]):
+    """Texts (EOS excluded), finished flags and token-id tuples of each completion."""
+    texts, finished, ids = [], [], []
+    for row, row_mask in zip(tokens, mask):
+        kept = [int(t) for t, m in zip(row, row_mask) if m]
+        done = bool(kept) and kept[-1] in eos_ids
+        texts.append(tokenizer.decode(kept[:-1] if done else kept, skip_special_tokens=True))
+        finished.append(done)
+        ids.append(tuple(kept))
+    return texts, np.array(finished), ids
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the compiled step functions and the run's I/O; `run()` is the training loop."""
+
+    def __init__(self, config: Config, *, resume: bool = False):
+        self.config = config
+        c = config
+        self.run_dir = Path(c.train.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
+        self.num_sequences = c.rollout.prompts_per_step * c.algo.num_samples
+        parallel.check_batch_divisible(self.num_sequences, self.mesh, "rollout.prompts_per_step * algo.num_samples")
+
+        # Model, tokenizer, task, reward.
+        policy, self.tokenizer = load_policy(c)
+        self.graphdef, policy_params = nnx.split(policy)
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
+        self.task = get_task(c.task.name, **c.task.options)
+        self.reward_fn = build_reward(c.reward, self.task)
+        eval_examples = self.task.eval_examples() if hasattr(self.task, "eval_examples") else []
+        self.eval_examples = eval_examples[: c.task.num_eval] if c.task.num_eval else eval_examples
+
+        # The critic exists only for PPO.
+        critic_graphdef = critic_params = None
+        if c.algo.name == "ppo":
+            critic = models.make_critic(policy, c.algo.critic, rngs=nnx.Rngs(c.train.seed))
+            critic_graphdef, critic_params = nnx.split(critic)
+        self.algorithm = Algorithm(c.algo, graphdef=self.graphdef, critic_graphdef=critic_graphdef,
+                                   temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size)
+        self.optimizer = make_optimizer(c)
+        state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
+                                  optimizer=self.optimizer, seed=c.train.seed,
+                                  ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema")
+        self.state, self.state_shardings = self._place(state)
+
+        # Compiled once: shapes are fixed by the config.
+        self._prepare = jax.jit(self.algorithm.prepare, donate_argnums=0)
+        self._update = jax.jit(self._update_fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints)
+        self.data_position = 0
+        if resume:
+            self.state, meta = self.checkpointer.restore(self.state)
+            self.data_position = int(meta["data_position"])
+        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=resume)
+        if resume:
+            self.logger.drop_after(int(self.state.step))
+
+    def _place(self, state: TrainState):
+        """Parameters and optimizer state: replicated, or sharded over `fsdp`."""
+        shardings = jax.tree.map(lambda x: parallel.param_sharding(x, self.mesh), state)
+        return jax.device_put(state, shardings), shardings
+
+    def _update_fn(self, state: TrainState, batch):
+        (loss, aux), grads = jax.value_and_grad(self.algorithm.loss, has_aux=True)(state.params, batch)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {key: stat.mean for key, stat in aux.items()}
+        metrics["loss/total"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(params=params, opt_state=opt_state), metrics
+
+    # -- generation and scoring ---------------------------------------------------------------
+    def _sample(self, examples, key, *, num_samples, temperature):
+        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples])
+        sharding = parallel.batch_sharding(self.mesh)
+        if len(examples) % (self.mesh.size) == 0:
+            ids, mask = jax.device_put((ids, mask), sharding)
+        policy = nnx.merge(self.graphdef, self.state.params["policy"])
+        r = self.config.rollout
+        return generate(policy, ids, mask, max_new_tokens=r.max_new_tokens, rng=key, num_samples=num_samples,
+                        temperature=temperature, top_k=r.top_k if temperature else 0,
+                        top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
+                        pad_token_id=self.tokenizer.pad_token_id)
+
+    def _score(self, examples, rollout, num_samples):
+        tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+        texts, finished, ids = decode_completions(self.tokenizer, tokens, mask, self.eos_ids)
+        repeated = [e for e in examples for _ in range(num_samples)]
+        samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
+        scores, valid = self.reward_fn(samples)
+        return samples, scores, valid
+
+    def evaluate(self) -> dict:
+        """Held-out accuracy (exact answer then EOS) with greedy decoding by default."""
+        if not self.eval_examples:
+            return {}
+        key = jax.random.PRNGKey(self.config.train.seed + 1)
+        rollout = self._sample(self.eval_examples, key, num_samples=1, temperature=self.config.train.eval_temperature)
+        texts, finished, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask),
+                                                self.eos_ids)
+        correct = [f and t == e.answer for e, t, f in zip(self.eval_examples, texts, finished)]
+        return {"eval/accuracy": float(np.mean(correct))}
+
+    # -- one RL step --------------------------------------------------------------------------
+    def step(self) -> dict:
+        c = self.config
+        step = int(self.state.step)
+        start = time.perf_counter()
+        generation_key, shuffle_key = step_keys(self.state, step)
+
+        # 1. Prompts, then K completions per prompt (prompt-major).
+        examples = self.task.train_batch(self.data_position, c.rollout.prompts_per_step)
+        rollout = self._sample(examples, generation_key, num_samples=c.algo.num_samples,
+                               temperature=c.rollout.temperature)
+
+        # 2. Rewards, on the host (verifiers are Python).
+        samples, scores, valid = self._score(examples, rollout, c.algo.num_samples)
+        batch = RolloutBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                             jnp.asarray(scores), jnp.asarray(valid))
+        batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
+
+        # 3. Old and reference log-probabilities, values, advantages.
+        self.state, train_batch, metrics = self._prepare(self.state, batch)
+
+        # 4. Updates: epochs x minibatches of whole prompt groups.
+        update_metrics = []
+        for epoch in range(c.algo.update_epochs):
+            order = minibatch_indices(jax.random.fold_in(shuffle_key, epoch), c.rollout.prompts_per_step,
+                                      c.algo.num_samples, c.algo.num_minibatches)
+            for indices in order:
+                minibatch = train_batch if self.algorithm.single_update else take(train_batch, indices)
+                self.state, m = self._update(self.state, minibatch)
+                update_metrics.append(m)
+        self.state = self.state.replace(step=self.state.step + 1)
+        self.data_position += c.rollout.prompts_per_step
+
+        # 5. Metrics (means over the updates of this step).
+        metrics = {k: float(v) for k, v in metrics.items()}
+        for key in update_metrics[0]:
+            metrics[key] = float(np.mean([float(m[key]) for m in update_metrics]))
+        lengths = np.asarray(rollout.mask).sum(-1)
+        finished = np.array([s.finished for s in samples])
+        exact = self.task.score_batch([s.example for s in samples], [s.text for s in samples], finished)
+        elapsed = time.perf_counter() - start
+        metrics.update({
+            "reward/mean": float(scores[valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(scores[valid].std()) if valid.any() else float("nan"),
+            "reward/valid_fraction": float(valid.mean()),
+            "train/accuracy": float(np.mean(np.asarray(exact) >= 1.0)),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/eos_fraction": float(finished.mean()),
+            "step_time_s": elapsed,
+            "tokens_per_s": float(lengths.sum() / elapsed),
+        })
+        metrics.setdefault("clipfrac", 0.0)
+        metrics["loss/policy"] = metrics.get("loss/policy", metrics["loss/total"])
+        return metrics
+
+    def save(self) -> None:
+        meta = {"data_position": self.data_position, "step": int(self.state.step), "config": self.config.to_dict()}
+        self.checkpointer.save(int(self.state.step), self.state, meta)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        first = int(self.state.step)
+        summary = {"start_step": first}
+        before = self.evaluate()
+        if before:
+            summary["eval/accuracy_before"] = before["eval/accuracy"]
+            print(f"held-out accuracy before: {before['eval/accuracy']:.1%} ({len(self.eval_examples)} examples)")
+        progress = _progress(range(first, c.train.steps), enabled=c.train.progress)
+        last = {}
+        for step in progress:
+            metrics = self.step()
+            done = step + 1
+            if self.eval_examples and (done % c.train.eval_every == 0 or done == c.train.steps):
+                metrics.update(self.evaluate())
+            self.logger.log(done, metrics)
+            last = metrics
+            if hasattr(progress, "set_postfix"):
+                shown = {"reward": metrics["reward/mean"], "acc": metrics["train/accuracy"], "kl": metrics["kl"]}
+                if "eval/accuracy" in metrics:
+                    shown["eval"] = metrics["eval/accuracy"]
+                progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+            if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+                self.save()
+        after = self.evaluate()
+        if after:
+            summary["eval/accuracy_after"] = after["eval/accuracy"]
+            print(f"held-out accuracy after:  {after['eval/accuracy']:.1%}")
+        if c.train.plot and self.logger.history:
+            plot_curves(self.logger.history, self.run_dir / "curves.png", f"{c.algo.name} on {c.task.name}")
+        summary.update(last)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        print(f"run directory: {self.run_dir}")
+        return summary
+
+
+def _progress(iterable, *, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="RL steps", unit="step", dynamic_ncols=True)
+
+
+def train(config: Config, *, resume: bool = False) -> dict:
+    """Train with `config` (resuming from the latest checkpoint when asked); returns a summary."""
+    return Trainer(config, resume=resume).run()
+
+
+def export(config: Config, output: str | Path, *, step: int | None = None) -> Path:
+    """Write the policy of a run's checkpoint as a Hugging Face directory (`save_pretrained`)."""
+    trainer = Trainer(config, resume=False)
+    trainer.state, _ = trainer.checkpointer.restore(trainer.state, step)
+    policy = nnx.merge(trainer.graphdef, trainer.state.params["policy"])
+    output = Path(output)
+    models.save_pretrained(policy, output)
+    trainer.tokenizer.save_pretrained(str(output))
+    return output
+
+
+__all__ = ["Trainer", "export", "train"]
