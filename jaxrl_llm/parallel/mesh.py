@@ -10,6 +10,7 @@ these input shardings (GSPMD); no per-device code.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -39,10 +40,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(x, mesh: Mesh) -> NamedSharding:
-    """Shard an array's largest dimension divisible by the fsdp size; replicate otherwise."""
+    """Shard a float array's largest dimension divisible by the fsdp size; replicate the rest
+    (scalars, counters and PRNG keys, which are tiny and must stay whole)."""
     size = mesh.shape["fsdp"]
     shape = np.shape(x)
-    if size == 1 or not shape:
+    if size == 1 or not shape or not jnp.issubdtype(x.dtype, jnp.floating):
         return replicated(mesh)
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % size == 0:

@@ -29,6 +29,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         )
 
     def save(self, step: int, state, metadata: dict) -> None:
@@ -67,8 +68,7 @@ class Checkpointer:
     def stored_keys(self, step: int | None = None) -> list[str]:
         """Names of the arrays stored at `step` (for inspection and tests)."""
         step = self.latest_step() if step is None else step
-        meta = self.manager.item_metadata(step)
-        return sorted(meta["state"].keys())
+        return sorted(self.manager.item_metadata(step)["state"].keys())
 
     def close(self) -> None:
         self.manager.close()

@@ -175,7 +175,7 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         metrics = {key: stat.mean for key, stat in aux.items()}
         metrics["loss/total"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(params=params, opt_state=opt_state), metrics
 
     # -- generation and scoring ---------------------------------------------------------------
