@@ -78,14 +78,15 @@ def load_weights(abstract_model: nnx.Module, get: Callable[[str], object | None]
                 tensor = get(alias)
         if tensor is None:
             raise ValueError(f"path: checkpoint {source} is missing weight {key!r} (shape {tuple(var.get_value().shape)[::-1] if transpose else tuple(var.get_value().shape)})")
-        array = jnp.asarray(tensor)
+        # Host-side numpy (bfloat16 via ml_dtypes): no per-shape XLA compilation for transposes/casts.
+        array = np.asarray(tensor)
         if transpose:
             array = array.T
         if array.shape != var.get_value().shape:
             raise ValueError(
                 f"path: weight {key!r} in {source} has shape {array.shape}, expected {var.get_value().shape} from the config"
             )
-        leaves.append((path, var.replace(array.astype(dtype))))
+        leaves.append((path, var.replace(jnp.asarray(np.ascontiguousarray(array.astype(jnp.dtype(dtype)))))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
@@ -180,6 +181,7 @@ def from_pretrained(
         if not (path / "config.json").is_file():
             raise ValueError(f"path: {str(path)!r} has no config.json (expected a Hugging Face model directory)")
         hf_config = transformers.AutoConfig.from_pretrained(str(path))
+        model_class(getattr(hf_config, "model_type", None))  # fail on an unknown family before reading weights
         get = _safetensors_getter(path)
         source = str(path)
     cls = model_class(getattr(hf_config, "model_type", None))

@@ -1,9 +1,11 @@
 """Shared helpers: tiny random transformers models built in PyTorch, left-padded batches."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 # name -> (config class, kwargs). Tiny: hidden 32-64, 2 layers, vocab ~100-300.
 _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -21,11 +23,11 @@ CASES = {
         dict(_COMMON, num_key_value_heads=4, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                                  original_max_position_embeddings=32)),
     ),
-    "llama_linear": (
-        transformers.LlamaConfig,
-        dict(_COMMON, num_key_value_heads=2, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    "mistral_window_linear_rope": (
+        transformers.MistralConfig,
+        dict(_COMMON, num_key_value_heads=2, sliding_window=4,
+             rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
     ),
-    "mistral_window": (transformers.MistralConfig, dict(_COMMON, num_key_value_heads=2, sliding_window=4)),
     "qwen2_bias": (transformers.Qwen2Config, dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_qknorm": (transformers.Qwen3Config, dict(_COMMON, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
     "gpt_neox_parallel": (
@@ -71,7 +73,7 @@ def _randomize_norms(model, seed):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def left_padded_batch(vocab_size, *, batch=3, seq=10, seed=0):
+def left_padded_batch(vocab_size, *, batch=3, seq=12, seed=0):
     """ids [B, S] (pad id 0 in the padding), mask [B, S] with rows left-padded by 0, 3, 6 tokens."""
     rng = np.random.RandomState(seed)
     ids = rng.randint(1, vocab_size, (batch, seq))
@@ -111,3 +113,14 @@ def diff_report():
         print("\nmax |logit diff| vs transformers:")
         for key, value in sorted(report.items()):
             print(f"  {key:45s} {value:.3e}")
+
+
+@nnx.jit
+def forward(model, ids, mask):
+    """Jitted ``model(ids, mask)``: one XLA compile per model and shape instead of one per op."""
+    return model(jnp.asarray(ids), jnp.asarray(mask))
+
+
+@nnx.jit
+def forward_cached(model, ids, mask, cache):
+    return model(jnp.asarray(ids), jnp.asarray(mask), cache=cache)

@@ -13,7 +13,7 @@ import transformers
 from flax import nnx
 
 from jaxrl_llm import models
-from tests.models.conftest import CASES, build_hf_model, hf_logits, left_padded_batch, max_real_diff
+from tests.models.conftest import CASES, build_hf_model, forward, hf_logits, left_padded_batch, max_real_diff
 
 F32_TOL = 1e-4
 
@@ -30,9 +30,9 @@ def case(request, tmp_path_factory):
 
 def test_logits_match_transformers_left_padded(case, diff_report):
     name, hf, _, ours = case
-    ids, mask = left_padded_batch(hf.config.vocab_size, seq=10)
+    ids, mask = left_padded_batch(hf.config.vocab_size)
     ref = hf_logits(hf, ids, mask)
-    got = ours(jnp.asarray(ids), jnp.asarray(mask))
+    got = forward(ours, ids, mask)
     assert got.dtype == jnp.float32 and got.shape == ref.shape
     diff = max_real_diff(got, ref, mask)
     diff_report[f"{name} float32"] = diff
@@ -47,7 +47,7 @@ def test_kv_cache_decoding_matches_full_forward(case, diff_report):
     ids, mask = left_padded_batch(hf.config.vocab_size, seq=prompt_len + new_tokens, seed=1)
     mask[:, prompt_len:] = 1  # completion tokens are always real
     ids = np.where(mask == 1, np.maximum(ids, 1), 0)
-    full = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+    full = np.asarray(forward(ours, ids, mask))
     ref = hf_logits(hf, ids, mask)
 
     graphdef, state = nnx.split(ours)
@@ -84,7 +84,7 @@ def test_save_pretrained_round_trips_through_transformers(case, tmp_path, diff_r
     diff_report[f"{name} save_pretrained round trip"] = diff
     assert diff == 0.0, diff
     again = models.from_pretrained(tmp_path)
-    assert max_real_diff(again(ids, mask), ours(ids, mask), mask) == 0.0
+    assert max_real_diff(forward(again, ids, mask), forward(ours, ids, mask), mask) == 0.0
 
 
 def test_bfloat16_parameters_run_close_to_float32(case, diff_report):
@@ -93,9 +93,9 @@ def test_bfloat16_parameters_run_close_to_float32(case, diff_report):
     leaves = jax.tree.leaves(nnx.state(bf16, nnx.Param))
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     ids, mask = left_padded_batch(hf.config.vocab_size, seed=3)
-    got = bf16(jnp.asarray(ids), jnp.asarray(mask))
+    got = forward(bf16, ids, mask)
     assert got.dtype == jnp.float32
-    ref = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = np.asarray(forward(ours, ids, mask))
     diff = max_real_diff(got, ref, mask)
     diff_report[f"{name} bfloat16 vs float32"] = diff
     # Random tiny models have logits of order 0.1-1; bfloat16 keeps ~3 significant digits.
