@@ -1,0 +1,52 @@
+"""Configs: every shipped YAML loads; unknown or ill-typed keys fail with the valid ones listed."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxrl_llm.cli import main
+from jaxrl_llm.training import ALGORITHMS, load_config
+from jaxrl_llm.training.config import Config
+
+CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+
+
+def test_there_is_a_config_per_algorithm():
+    names = {load_config(path).algo.name for path in CONFIGS}
+    assert set(ALGORITHMS) <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed():
+    c = load_config(None, ["algo.kl_coef=0.02", "train.steps=7", "rollout.top_p=1", "algo.clip_eps_high=null"])
+    assert c.algo.kl_coef == 0.02 and c.train.steps == 7 and isinstance(c.rollout.top_p, float)
+    assert c.algo.clip_eps_high is None
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("algo.kl_coeff=0.1", r"`algo`: unknown key\(s\) \['kl_coeff'\]; valid keys are \[.*'kl_coef'"),
+        ("trainer.steps=3", r"unknown key\(s\) \['trainer'\]; valid keys are \['algo', 'mesh', 'model'"),
+        ("train.steps=many", r"`train.steps`: got 'many' \(str\), expected int"),
+        ("algo.name=dpo", r"`algo.name`: got 'dpo', expected one of \['reinforce'"),
+        ("algo.num_samples=1", r"`algo.num_samples`: got 1, expected >= 2 for rloo"),
+        ("rollout.temperature=0", r"`rollout.temperature`: got 0.0, expected > 0"),
+        ("algo.num_minibatches=3", r"`algo.num_minibatches`: got 3, expected a divisor"),
+        ("algo.aggregation=sum", r"`algo.aggregation`: got 'sum'"),
+        ("reward.terms=[{kind: python}]", r"`reward.terms\[0\].target`"),
+        ("steps", r"expected the form section.key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_valid_keys(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "algo.kl_coeff=0.1"]) == 2
+    assert "valid keys are" in capsys.readouterr().err
