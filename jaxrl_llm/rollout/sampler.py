@@ -1,0 +1,405 @@
+"""Batched autoregressive sampling with a preallocated KV cache, compiled once per shape.
+
+``generate`` runs prefill and the whole decode loop as ONE jitted function: the prompt batch is
+encoded once into a ``KVCache``, then a ``lax.while_loop`` samples one token per row per step
+until every row has emitted an EOS token or ``max_new_tokens`` is reached. The cache lives in the
+loop carry, so XLA updates it in place (no per-token copy, no host round-trip per token).
+
+What comes back is a ``Rollout``, the arrays the objectives consume (``[N, T]`` per-token arrays,
+prompt-major groups of K samples, see ARCHITECTURE.md) plus the temperature the logprobs belong to:
+recomputing training/reference logprobs at a different temperature than the one used for
+sampling silently biases the KL and the importance ratios.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxrl_llm.objectives import token_logprobs
+
+# Number of times the generation function has been traced (tests check it is compiled once).
+_TRACE_COUNT = 0
+
+
+@struct.dataclass
+class Rollout:
+    """Completions sampled for a batch of prompts, laid out prompt-major.
+
+    With B prompts and K samples per prompt, N = B*K rows ordered
+    ``[p0s0, p0s1, ..., p0s(K-1), p1s0, ...]``; T = ``max_new_tokens``; P = prompt length.
+
+    Attributes:
+      tokens: [N, T] int32 completion tokens; ``pad_token_id`` after the first EOS.
+      mask: [N, T] int32, 1 for completion tokens up to and including the first EOS, else 0.
+      logprobs: [N, T] float32 log-probability of each sampled token under the distribution it was
+        sampled from (softmax of logits / temperature after top-k/top-p filtering); 0 where mask == 0.
+        For greedy decoding (temperature 0) it is the log-softmax of the raw logits (temperature 1,
+        no filtering): the token is the argmax of that distribution.
+      prompt_ids: [N, P] int32 prompts (left-padded), each repeated K times consecutively.
+      prompt_mask: [N, P] int32, 1 for real prompt tokens.
+      temperature: the sampling temperature (static; 0.0 for greedy).
+      num_samples: K, the completions per prompt (static).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    temperature: float = struct.field(pytree_node=False, default=1.0)
+    num_samples: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature ``logprobs`` are computed at: ``temperature``, or 1.0 for greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+class _Options(NamedTuple):
+    """Static (hashable) generation options: one compiled function per distinct value.
+
+    The temperature, top-p value, EOS ids and pad id are traced arguments instead, so changing
+    them (a temperature schedule, another tokenizer) does not recompile.
+    """
+
+    max_new_tokens: int
+    num_samples: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    num_eos_slots: int
+    cache_dtype: str | None
+
+
+class _Sampling(NamedTuple):
+    """Traced sampling parameters (scalars and the EOS id array, padded with -1)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    eos_token_ids: jax.Array
+    pad_token_id: jax.Array
+
+
+# EOS id arrays are padded to a multiple of this, so 0-4 EOS ids share one compiled function.
+_EOS_SLOTS = 4
+
+
+# ----------------------------------------------------------------------------- filtering / sampling
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set the logits outside the top-k / nucleus (top-p) set to -inf, as transformers' warpers do.
+
+    top-k keeps tokens whose logit is >= the k-th largest logit (ties with the k-th are kept);
+    top-p (Holtzman et al. 2020, https://arxiv.org/abs/1904.09751) then keeps the smallest set of
+    highest-probability tokens whose probability mass under softmax(logits) (after top-k) is
+    >= top_p: token i is kept iff the mass of the tokens ranked strictly above it is < top_p, so
+    the most likely token is always kept (ties at the boundary are kept).
+    Apply the temperature before calling this (``logits / temperature``), as transformers does.
+
+    Args:
+      logits: [..., V] float logits.
+      top_k: 0 disables; values >= V keep everything.
+      top_p: 1.0 disables; must lie in (0, 1].
+    Returns:
+      [..., V] float32 logits with removed entries set to -inf.
+    """
+    _check_top_k(top_k)
+    if not isinstance(top_p, jax.core.Tracer):
+        _check_top_p(top_p)
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if isinstance(top_p, jax.core.Tracer) or top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _sample_step(logits, key, opts: _Options, params: _Sampling) -> tuple[jax.Array, jax.Array]:
+    """logits [N, V] float32 -> (tokens [N] int32, logprobs [N] float32 of those tokens)."""
+    if opts.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        z = logits
+    else:
+        z = logits / params.temperature
+        if opts.top_k > 0 or opts.use_top_p:
+            z = filter_logits(z, top_k=opts.top_k, top_p=params.top_p if opts.use_top_p else 1.0)
+        tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(z, axis=-1)
+
+
+def _is_eos(tokens: jax.Array, eos_token_ids: jax.Array) -> jax.Array:
+    """[N] bool: the token is one of the EOS ids (padding slots hold -1 and never match)."""
+    return jnp.any(tokens[:, None] == eos_token_ids[None, :], axis=-1)
+
+
+# ----------------------------------------------------------------------------- the compiled loop
+
+
+def _generate_impl(graphdef, opts: _Options, state, prompt_ids, prompt_mask, rng, params: _Sampling):
+    """Prefill + while_loop decode; traced once per (graphdef, opts, shapes)."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_ids.shape
+    k, steps = opts.num_samples, opts.max_new_tokens
+    n = batch * k
+    # The last sampled token is never fed back, so the cache needs P + T - 1 slots.
+    cache = model.init_cache(batch, prompt_len + steps - 1, opts.cache_dtype)
+    hidden, cache = model.hidden_states(prompt_ids, prompt_mask, None, cache)
+    logits = model.unembed(hidden[:, -1])  # left padding: the last column is every row's last token
+    prompt_lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    if k > 1:  # prefill each prompt once, then give each of its K samples a copy of its cache
+        repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
+        logits, prompt_lengths = repeat(logits), repeat(prompt_lengths)
+        cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid))
+
+    first, first_lp = _sample_step(logits, jax.random.fold_in(rng, 0), opts, params)
+    tokens = jnp.full((n, steps), params.pad_token_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((n, steps), jnp.float32).at[:, 0].set(first_lp)
+    lengths = jnp.ones((n,), jnp.int32)
+    done = _is_eos(first, params.eos_token_ids)
+    ones = jnp.ones((n, 1), jnp.int32)
+
+    def cond(carry):
+        t, _, _, done, _, _, _ = carry
+        return (t < steps) & ~jnp.all(done)
+
+    def body(carry):
+        t, cache, last, done, lengths, tokens, logprobs = carry
+        positions = (prompt_lengths + t - 1)[:, None]
+        hidden, cache = model.hidden_states(last[:, None], ones, positions, cache)
+        logits = model.unembed(hidden[:, 0])
+        new, new_lp = _sample_step(logits, jax.random.fold_in(rng, t), opts, params)
+        new = jnp.where(done, params.pad_token_id, new)
+        new_lp = jnp.where(done, 0.0, new_lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, t))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, new_lp[:, None], (0, t))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | _is_eos(new, params.eos_token_ids)
+        return t + 1, cache, new, done, lengths, tokens, logprobs
+
+    carry = (jnp.int32(1), cache, first, done, lengths, tokens, logprobs)
+    _, _, _, _, lengths, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
+    mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.int32)
+    return Rollout(
+        tokens=tokens,
+        mask=mask,
+        logprobs=logprobs,
+        prompt_ids=jnp.repeat(prompt_ids, k, axis=0),
+        prompt_mask=jnp.repeat(prompt_mask, k, axis=0),
+        temperature=0.0,  # set by ``generate`` (static metadata, not a traced value)
+        num_samples=k,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_generate(graphdef, opts: _Options):
+    """The jitted generation function for one model structure and option set (jit caches shapes)."""
+    return jax.jit(functools.partial(_generate_impl, graphdef, opts))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int = 0,
+    cache_dtype=None,
+) -> Rollout:
+    """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for each prompt.
+
+    Each step samples y_t ~ softmax(filter(logits_t / temperature)) (top-k, then top-p, as
+    transformers' warpers), or y_t = argmax(logits_t) when temperature == 0. A row stops after its
+    first EOS token; the loop stops when every row has stopped or T = max_new_tokens tokens are out.
+    Compiled once per (model structure, B, P, options); later calls with the same shapes reuse it.
+
+    Args:
+      model: a ``jaxrl_llm.models.CausalLM`` (any family).
+      prompt_ids: [B, P] integer token ids, LEFT-padded (every row's last column is a real token).
+      prompt_mask: [B, P], 1 (True) for real tokens, 0 for padding.
+      max_new_tokens: T > 0.
+      rng: a PRNG key (``jax.random.key`` or ``PRNGKey``); the same key gives the same rollout.
+      num_samples: K >= 1 completions per prompt, laid out prompt-major.
+      temperature: >= 0; 0 means greedy.
+      top_k: >= 0; 0 disables top-k.
+      top_p: in (0, 1]; 1 disables nucleus filtering.
+      eos_token_id: an int, a sequence of ints (any of them ends a row), or None (always T tokens).
+      pad_token_id: filler token written after EOS.
+      cache_dtype: KV-cache dtype; default the model's parameter dtype.
+    Returns:
+      A ``Rollout`` with N = B*K rows (see its docstring for the fields).
+    """
+    temperature = _check_temperature(temperature)
+    top_p = _check_top_p(top_p)
+    eos = _check_eos(eos_token_id)
+    pad_token_id = _check_int("pad_token_id", pad_token_id, minimum=0)
+    vocab = model.unembedding_matrix().shape[-1]
+    for name, value in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad_token_id)]:
+        if value >= vocab:
+            raise ValueError(f"{name}: got {value}, expected a token id in [0, {vocab}) for this model's vocabulary")
+    opts = _Options(
+        max_new_tokens=_check_int("max_new_tokens", max_new_tokens, minimum=1),
+        num_samples=_check_int("num_samples", num_samples, minimum=1),
+        greedy=temperature == 0.0,
+        top_k=_check_top_k(top_k),
+        use_top_p=top_p < 1.0,
+        num_eos_slots=max(1, -(-len(eos) // _EOS_SLOTS)) * _EOS_SLOTS,
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+    )
+    params = _Sampling(
+        temperature=jnp.float32(temperature if temperature > 0 else 1.0),
+        top_p=jnp.float32(top_p),
+        eos_token_ids=jnp.array(eos + (-1,) * (opts.num_eos_slots - len(eos)), jnp.int32),
+        pad_token_id=jnp.int32(pad_token_id),
+    )
+    prompt_ids, prompt_mask = _check_prompts(prompt_ids, prompt_mask)
+    rng = _check_rng(rng)
+    graphdef, state = nnx.split(model)
+    rollout = _compiled_generate(graphdef, opts)(state, prompt_ids, prompt_mask, rng, params)
+    return rollout.replace(temperature=temperature)
+
+
+def _sequence_logprobs_impl(graphdef, chunk_size, state, temperature, prompt_ids, prompt_mask, tokens, mask):
+    model = nnx.merge(graphdef, state)
+    prompt_len, steps = prompt_ids.shape[1], tokens.shape[1]
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    attention = jnp.concatenate([prompt_mask, mask], axis=1)
+    hidden = model.hidden_states(ids, attention)[0]
+    # The hidden state at position i predicts token i + 1: completion token t is predicted at P - 1 + t.
+    logits = model.unembed(hidden[:, prompt_len - 1 : prompt_len - 1 + steps])
+    logprobs = token_logprobs(logits, tokens, temperature=temperature, chunk_size=chunk_size)
+    return jnp.where(mask.astype(bool), logprobs, 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_sequence_logprobs(graphdef, chunk_size):
+    return jax.jit(functools.partial(_sequence_logprobs_impl, graphdef, chunk_size))
+
+
+def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = None, chunk_size: int | None = None):
+    """Log-probabilities of a rollout's completion tokens under ``model`` (any params), one forward pass.
+
+    log pi(y_t | x, y_<t) = z[y_t] - logsumexp(z),  z = logits_t / temperature, computed by
+    ``jaxrl_llm.objectives.token_logprobs`` on one forward of concat(prompt, completion) with the
+    concatenated attention mask (so positions match the sampler's). No top-k/top-p filtering is
+    applied: with filtering the result differs from ``rollout.logprobs`` on purpose (the trainer's
+    policy is the unfiltered softmax).
+
+    Args:
+      model: a ``CausalLM`` (the policy being trained, or the frozen reference).
+      rollout: a ``Rollout`` from ``generate``.
+      temperature: > 0; default ``rollout.logprob_temperature`` (the sampling temperature, 1.0 for greedy).
+      chunk_size: rows of the flattened [N*T] logits per chunk (memory bound), see ``token_logprobs``.
+    Returns:
+      [N, T] float32 log-probabilities, 0 where ``rollout.mask`` == 0.
+    """
+    temperature = rollout.logprob_temperature if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) or not temperature > 0:
+        raise ValueError(f"temperature: got {temperature!r}, expected a positive float")
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size, minimum=1)
+    graphdef, state = nnx.split(model)
+    fn = _compiled_sequence_logprobs(graphdef, chunk_size)
+    return fn(state, jnp.float32(temperature), rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_int(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+    return int(value)
+
+
+def _check_temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"temperature: got {value!r}, expected a float >= 0 (0 = greedy)")
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"temperature: got {value!r}, expected a finite float >= 0 (0 = greedy)")
+    return float(value)
+
+
+def _check_top_k(value) -> int:
+    return _check_int("top_k", value, minimum=0)
+
+
+def _check_top_p(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value <= 1:
+        raise ValueError(f"top_p: got {value!r}, expected a float in (0, 1] (1 disables nucleus sampling)")
+    return float(value)
+
+
+def _check_eos(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, (int, np.integer)) else value
+    try:
+        return tuple(_check_int("eos_token_id", v, minimum=0) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"eos_token_id: got {value!r}, expected a non-negative int, a list of them, or None"
+        ) from None
+
+
+def _check_prompts(prompt_ids, prompt_mask) -> tuple[jax.Array, jax.Array]:
+    ids_dtype = jnp.result_type(prompt_ids)
+    if not jnp.issubdtype(ids_dtype, jnp.integer):
+        raise ValueError(f"prompt_ids: got dtype {ids_dtype}, expected integer token ids")
+    if np.ndim(prompt_ids) != 2:
+        raise ValueError(f"prompt_ids: got shape {np.shape(prompt_ids)}, expected [B, P]")
+    if np.shape(prompt_mask) != np.shape(prompt_ids):
+        raise ValueError(
+            f"prompt_mask: got shape {np.shape(prompt_mask)}, expected {np.shape(prompt_ids)} like prompt_ids"
+        )
+    mask_dtype = jnp.result_type(prompt_mask)
+    if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
+        raise ValueError(f"prompt_mask: got dtype {mask_dtype}, expected bool or integer 0/1")
+    if not isinstance(prompt_mask, jax.core.Tracer):  # value checks only where values are concrete
+        mask = np.asarray(prompt_mask)
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("prompt_mask: expected only 0/1 values")
+        if not mask[:, -1].all():
+            rows = np.flatnonzero(~mask[:, -1].astype(bool)).tolist()
+            raise ValueError(
+                f"prompt_mask: rows {rows} end with padding; expected LEFT-padded prompts "
+                "(every row's last token real)"
+            )
+    return jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+
+
+def _check_rng(rng) -> jax.Array:
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.shape != ():
+            raise ValueError(f"rng: got a key array of shape {rng.shape}, expected a single key")
+        return rng
+    if rng.shape == (2,) and rng.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(rng)
+    raise ValueError(f"rng: got shape {rng.shape} dtype {rng.dtype}, expected a PRNG key (jax.random.key(seed))")
