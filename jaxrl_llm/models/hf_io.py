@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -138,7 +138,7 @@ def _gguf_config_and_tensors(directory: Path, gguf_file: str):
     import transformers
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(directory), gguf_file=gguf_file, dtype=torch.float32, device_map="cpu"
+        str(directory), gguf_file=gguf_file, dtype=torch.float32
     )
     tensors = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     return hf_model.config, tensors
@@ -211,15 +211,3 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tensors = {k: jnp.asarray(v) for k, v in model_tensors(model).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-def tensors_from_mapping(mapping: Mapping[str, object]) -> Callable[[str], object | None]:
-    """``get`` function over an in-memory ``{key: array}`` mapping (torch tensors or numpy)."""
-
-    def get(key):
-        value = mapping.get(key)
-        if value is not None and hasattr(value, "detach"):
-            value = value.detach().float().numpy()
-        return value
-
-    return get

@@ -216,6 +216,12 @@ class KVCache(NamedTuple):
         slots and left-padding slots are False and never attended.
       index: int32 scalar, the next slot to write (a traced value, so one compiled
         decode step serves every position).
+
+    Slot j of every row holds token j of the (left-padded) sequence, so sliding-window layers
+    apply their window on slots exactly as transformers applies it on indices. The cache is
+    full length for every layer (no ring buffer for sliding layers yet). Writing past
+    ``max_length`` cannot be checked under jit (``dynamic_update_slice`` clamps): size the
+    cache for prompt + completion.
     """
 
     k: tuple[jax.Array, ...]
