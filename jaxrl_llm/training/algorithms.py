@@ -57,7 +57,7 @@ class RolloutBatch(NamedTuple):
 
 class TrainBatch(NamedTuple):
     rollout: RolloutBatch
-    old_logprobs: jax.Array  # [N, T] under the policy that sampled, at the sampling temperature
+    old_logprobs: jax.Array | None  # [N, T] under the sampling policy at its temperature (None: not needed)
     ref_logprobs: jax.Array  # [N, T]
     advantages: jax.Array  # [N] (bandit, grpo) or [N, T] (ppo)
     baseline: jax.Array  # scalar REINFORCE baseline (0 for others)
@@ -119,6 +119,10 @@ class Algorithm:
         self.chunk_size = chunk_size
         self.aggregation = algo.aggregation or DEFAULT_AGGREGATION[algo.name]
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
+        # One update of RLOO, vanilla PG or batch-mean REINFORCE needs no "old" forward pass:
+        # its loss computes rewards and advantages from the current policy, which sampled.
+        self.loss_needs_only_reference = self.single_update and (
+            algo.name in ("rloo", "vanilla_pg") or (algo.name == "reinforce" and algo.baseline == "batch"))
         if (algo.name == "ppo") != (critic_graphdef is not None):
             raise ValueError("A critic is built for PPO and only for PPO.")
 
@@ -128,13 +132,20 @@ class Algorithm:
     # -- before the updates: old/ref logprobs, values, advantages -----------------------------
     def prepare(self, state, rollout: RolloutBatch):
         cfg = self.cfg
-        old = self._forward(state.params["policy"], rollout)
-        ref = self._forward(state.ref_params, rollout)
-        old_logprobs = jax.lax.stop_gradient(old.logprobs)
-        ref_logprobs = jax.lax.stop_gradient(ref.logprobs)
         valid, scores, mask = rollout.valid, rollout.scores, rollout.mask
+        token_mask = mask * valid[:, None]
+        ref_logprobs = jax.lax.stop_gradient(self._forward(state.ref_params, rollout).logprobs)
         baseline = jnp.zeros((), jnp.float32)
-        old_values = returns = None
+        old_logprobs = old_values = returns = None
+        metrics = {}
+        if self.loss_needs_only_reference:
+            # The loss recomputes everything else from the current (= sampling) policy.
+            batch = TrainBatch(rollout, None, ref_logprobs, jnp.zeros_like(scores), baseline, None, None)
+            return state, batch, metrics
+        old = self._forward(state.params["policy"], rollout)
+        old_logprobs = jax.lax.stop_gradient(old.logprobs)
+        metrics["kl"] = obj.masked_mean(obj.kl_penalty(old_logprobs, ref_logprobs, kind="k1"), token_mask)
+        metrics["entropy"] = obj.masked_mean(old.entropy, token_mask)
         if cfg.name in BANDIT:
             seq_rewards = obj.sequence_rewards(scores, old_logprobs, ref_logprobs, mask,
                                                kl_coef=cfg.kl_coef, kind=cfg.kl_kind)
@@ -157,16 +168,11 @@ class Algorithm:
                 critic_values(self.critic_graphdef, state.params["critic"], rollout, old.hidden))
             token_rewards = obj.shape_rewards(scores, old_logprobs, ref_logprobs, mask,
                                               kl_coef=cfg.kl_coef, kind=cfg.kl_kind)
-            token_mask = mask * valid[:, None]
             advantages, returns = obj.gae(token_rewards, old_values, token_mask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:
                 advantages = obj.whiten(advantages, token_mask)
         batch = TrainBatch(rollout, old_logprobs, ref_logprobs, jax.lax.stop_gradient(advantages), baseline,
                            old_values, returns)
-        metrics = {
-            "kl": obj.masked_mean(obj.kl_penalty(old_logprobs, ref_logprobs, kind="k1"), mask * valid[:, None]),
-            "entropy": obj.masked_mean(old.entropy, mask * valid[:, None]),
-        }
         return state, batch, metrics
 
     # -- the differentiated loss ---------------------------------------------------------------
@@ -182,8 +188,9 @@ class Algorithm:
                 loss, aux = obj.rloo_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                           num_samples=cfg.num_samples, **bandit)
             else:
+                baseline = None if (cfg.name == "reinforce" and cfg.baseline == "batch") else batch.baseline
                 loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
-                                               baseline=batch.baseline, **bandit)
+                                               baseline=baseline, **bandit)
         elif cfg.name in BANDIT:
             loss, aux = obj.ppo_loss(fwd.logprobs, batch.old_logprobs, batch.advantages, mask,
                                      clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, **common)
@@ -201,9 +208,11 @@ class Algorithm:
                                      values=values, old_values=batch.old_values, returns=batch.returns,
                                      value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
                                      entropy=fwd.entropy, entropy_coef=cfg.entropy_coef, **common)
+        entropy_term, entropy_stat = obj.aggregate_loss(fwd.entropy, mask, "token-mean")
         if cfg.entropy_coef and cfg.name != "ppo":
             entropy_term, _ = obj.aggregate_loss(fwd.entropy, mask, self.aggregation)
             loss = loss - cfg.entropy_coef * entropy_term
+        aux.setdefault("entropy", entropy_stat)
         return loss, aux
 
 

@@ -87,6 +87,7 @@ class AlgoConfig:
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 64
+    prompt_length: int | None = None  # pad prompts to exactly this many tokens; None: a multiple of 8
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_k: int = 0
@@ -234,6 +235,7 @@ def validate(config: Config) -> Config:
         (0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "in [0, 1)"),
         (r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1"),
         (r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1"),
+        (r.prompt_length is None or r.prompt_length >= 1, "rollout.prompt_length", r.prompt_length, "None or >= 1"),
         (r.temperature > 0, "rollout.temperature", r.temperature, "> 0 for RL sampling"),
         (0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]"),
         (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),

@@ -94,9 +94,16 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.chain(*chain)
 
 
-def encode_prompts(tokenizer, prompts: list[str], multiple: int = 8):
-    """Left-padded ids and mask, padded to a multiple of `multiple` so shapes (and compiles) repeat."""
-    enc = tokenizer(prompts, padding=True, pad_to_multiple_of=multiple, return_tensors="np")
+def encode_prompts(tokenizer, prompts: list[str], length: int | None = None):
+    """Left-padded ids and mask of a fixed width (`length`, or a multiple of 8), so shapes and
+    compiled steps repeat from batch to batch."""
+    if length is None:
+        enc = tokenizer(prompts, padding=True, pad_to_multiple_of=8, return_tensors="np")
+    else:
+        enc = tokenizer(prompts, padding="max_length", max_length=length, return_tensors="np")
+        if enc["input_ids"].shape[1] != length:
+            longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+            raise ValueError(f"`rollout.prompt_length`: got {length}, but a prompt has {longest} tokens.")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
@@ -180,7 +187,7 @@ class Trainer:
 
     # -- generation and scoring ---------------------------------------------------------------
     def _sample(self, examples, key, *, num_samples, temperature):
-        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples])
+        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.config.rollout.prompt_length)
         sharding = parallel.batch_sharding(self.mesh)
         if len(examples) % (self.mesh.size) == 0:
             ids, mask = jax.device_put((ids, mask), sharding)
@@ -246,6 +253,8 @@ class Trainer:
         # 5. Metrics (means over the updates of this step).
         metrics = {k: float(v) for k, v in metrics.items()}
         for key in update_metrics[0]:
+            if key in metrics and key in ("kl", "entropy"):
+                continue  # measured before the updates, on the policy that sampled
             metrics[key] = float(np.mean([float(m[key]) for m in update_metrics]))
         lengths = np.asarray(rollout.mask).sum(-1)
         finished = np.array([s.finished for s in samples])
