@@ -1,10 +1,98 @@
-"""jaxrl_llm: online RL for LLMs in JAX/Flax (REINFORCE, RLOO, PPO, GRPO, RAFT).
+"""jaxrl_llm: online RL for LLMs in JAX/Flax (REINFORCE, RLOO, PPO; GRPO, RAFT for comparison).
 
-The objectives are pure functions of arrays; see `jaxrl_llm.objectives`.
+The objectives are pure functions of arrays (`jaxrl_llm.objectives`); the sampler,
+models, trainer and tasks live in their own subpackages and are imported lazily
+by the names below, so `import jaxrl_llm` stays light for research code.
 """
 
-from jaxrl_llm.objectives import *  # noqa: F401,F403  (re-exported by name below)
-from jaxrl_llm.objectives import __all__ as _objective_names
+from jaxrl_llm.objectives import (
+    KL_KINDS,
+    LOSS_AGGREGATIONS,
+    EMABaselineState,
+    Stat,
+    aggregate_loss,
+    best_of_group,
+    clipped_surrogate,
+    ema_baseline_init,
+    ema_baseline_update,
+    gae,
+    grpo_advantages,
+    grpo_loss,
+    kl_penalty,
+    last_token_mask,
+    loss_terms,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    ppo_loss,
+    raft_loss,
+    reinforce_advantages,
+    reinforce_loss,
+    rloo_advantages,
+    rloo_loss,
+    sequence_rewards,
+    shape_rewards,
+    summarize,
+    token_entropy,
+    token_logprobs,
+    value_loss,
+    whiten,
+)
 
 __version__ = "0.1.0"
-__all__ = list(_objective_names)
+
+_LAZY = {
+    "generate": "jaxrl_llm.rollout",
+    "Rollout": "jaxrl_llm.rollout",
+    "sequence_logprobs": "jaxrl_llm.rollout",
+    "from_pretrained": "jaxrl_llm.models",
+    "save_pretrained": "jaxrl_llm.models",
+    "TrainState": "jaxrl_llm.training",
+    "Trainer": "jaxrl_llm.training",
+    "train": "jaxrl_llm.training",
+    "load_config": "jaxrl_llm.training",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxrl_llm' has no attribute {name!r}")
+
+
+__all__ = [
+    "EMABaselineState",
+    "KL_KINDS",
+    "LOSS_AGGREGATIONS",
+    "Stat",
+    "aggregate_loss",
+    "best_of_group",
+    "clipped_surrogate",
+    "ema_baseline_init",
+    "ema_baseline_update",
+    "gae",
+    "grpo_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "last_token_mask",
+    "loss_terms",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "ppo_loss",
+    "raft_loss",
+    "reinforce_advantages",
+    "reinforce_loss",
+    "rloo_advantages",
+    "rloo_loss",
+    "sequence_rewards",
+    "shape_rewards",
+    "summarize",
+    "token_entropy",
+    "token_logprobs",
+    "value_loss",
+    "whiten",
+    *_LAZY,
+]
