@@ -107,3 +107,35 @@ def test_nan_rewards_are_masked_when_asked(toy_config):
     metrics = [trainer.step() for _ in range(2)]
     assert any(m["reward/valid_fraction"] < 1.0 for m in metrics)
     assert all(np.isfinite(m["loss/total"]) for m in metrics)
+
+
+def test_separate_critic_trains(toy_config):
+    trainer = Trainer(toy_config("algo.critic=separate", algo="ppo"))
+    before = jax.tree.map(np.asarray, trainer.state.params["critic"])
+    metrics = [trainer.step() for _ in range(2)]
+    assert all(np.isfinite(m["loss/value"]) for m in metrics)
+    after = jax.tree.map(np.asarray, trainer.state.params["critic"])
+    # The critic has its own backbone, and it moved.
+    assert len(jax.tree.leaves(after)) > 2
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_export_loads_in_transformers_with_the_trained_logits(toy_config, tmp_path):
+    import torch
+    import transformers
+    from flax import nnx
+
+    from jaxrl_llm.training import export
+
+    trainer = Trainer(toy_config("train.steps=2"))
+    trainer.run()
+    out = export(trainer.config, tmp_path / "exported")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.array([[4, 5, 14, 6, 15, 7]], np.int32)
+    ours = nnx.merge(trainer.graphdef, trainer.state.params["policy"])(ids)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+    start = Trainer(toy_config("train.steps=2"))  # untrained: the export must differ from it
+    assert not np.allclose(np.asarray(nnx.merge(start.graphdef, start.state.params["policy"])(ids)), theirs, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(out).decode([4, 5]) == "01"
