@@ -39,6 +39,8 @@ from jaxrl_llm.objectives import (
     whiten,
 )
 
+from jaxrl_llm import objectives as _objectives
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -62,37 +64,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxrl_llm' has no attribute {name!r}")
 
 
-__all__ = [
-    "EMABaselineState",
-    "KL_KINDS",
-    "LOSS_AGGREGATIONS",
-    "Stat",
-    "aggregate_loss",
-    "best_of_group",
-    "clipped_surrogate",
-    "ema_baseline_init",
-    "ema_baseline_update",
-    "gae",
-    "grpo_advantages",
-    "grpo_loss",
-    "kl_penalty",
-    "last_token_mask",
-    "loss_terms",
-    "masked_mean",
-    "masked_sum",
-    "masked_var",
-    "ppo_loss",
-    "raft_loss",
-    "reinforce_advantages",
-    "reinforce_loss",
-    "rloo_advantages",
-    "rloo_loss",
-    "sequence_rewards",
-    "shape_rewards",
-    "summarize",
-    "token_entropy",
-    "token_logprobs",
-    "value_loss",
-    "whiten",
-    *_LAZY,
-]
+__all__ = [*_objectives.__all__, *_LAZY]

@@ -86,14 +86,17 @@ def ours_rloo(logprobs):
     )[0]
 
 
+EXAMPLES = {
+    "reinforce": (seed_reinforce, ours_reinforce, REINFORCE_LOGPROBS),
+    "rloo": (seed_rloo, ours_rloo, RLOO_LOGPROBS),
+}
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("which", ["reinforce", "rloo"])
 def test_loss_equals_seed_value_float64(which, jit):
     """In float64 on both sides the agreement is exact to 1e-6 relative (and far better)."""
-    seed, ours, logprobs = {
-        "reinforce": (seed_reinforce, ours_reinforce, REINFORCE_LOGPROBS),
-        "rloo": (seed_rloo, ours_rloo, RLOO_LOGPROBS),
-    }[which]
+    seed, ours, logprobs = EXAMPLES[which]
     expected, _ = seed(torch.float64)
     fn = jax.jit(ours) if jit else ours
     with jax.enable_x64(True):
@@ -106,10 +109,7 @@ def test_loss_equals_seed_value_float64(which, jit):
 @pytest.mark.parametrize("which", ["reinforce", "rloo"])
 def test_loss_equals_seed_value_float32(which, jit):
     """In float32 the loss is a difference of nearly equal terms; both sides round to ~4e-6."""
-    seed, ours, logprobs = {
-        "reinforce": (seed_reinforce, ours_reinforce, REINFORCE_LOGPROBS),
-        "rloo": (seed_rloo, ours_rloo, RLOO_LOGPROBS),
-    }[which]
+    seed, ours, logprobs = EXAMPLES[which]
     expected, _ = seed()
     fn = jax.jit(ours) if jit else ours
     np.testing.assert_allclose(fn(jnp.array(logprobs).reshape(-1, 3)), expected, rtol=1e-5)

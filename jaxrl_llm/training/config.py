@@ -217,8 +217,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: `{key}` is not a section.")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = _parse_value(raw)
     return data
+
+
+def _parse_value(raw: str):
+    """YAML, but with numbers YAML 1.1 leaves as strings (`5e-4`) read as numbers."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def validate(config: Config) -> Config:

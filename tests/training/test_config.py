@@ -22,7 +22,9 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed():
-    c = load_config(None, ["algo.kl_coef=0.02", "train.steps=7", "rollout.top_p=1", "algo.clip_eps_high=null"])
+    c = load_config(None, ["algo.kl_coef=0.02", "train.steps=7", "rollout.top_p=1", "algo.clip_eps_high=null",
+                         "optim.learning_rate=5e-4"])
+    assert c.optim.learning_rate == 5e-4
     assert c.algo.kl_coef == 0.02 and c.train.steps == 7 and isinstance(c.rollout.top_p, float)
     assert c.algo.clip_eps_high is None
 
