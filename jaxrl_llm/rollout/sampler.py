@@ -131,16 +131,62 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
 def _sample_step(logits, key, opts: _Options, params: _Sampling) -> tuple[jax.Array, jax.Array]:
     """logits [N, V] float32 -> (tokens [N] int32, logprobs [N] float32 of those tokens)."""
-    if opts.greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        z = logits
-    else:
+    z = logits
+    if not opts.greedy:
         z = logits / params.temperature
         if opts.top_k > 0 or opts.use_top_p:
             z = filter_logits(z, top_k=opts.top_k, top_p=params.top_p if opts.use_top_p else 1.0)
-        tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+    z_max = jnp.max(z, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(z - z_max)  # filtered tokens (-inf) get exactly 0
+    if opts.greedy:
+        tokens = first_argmax(z, z_max)
+        total = jnp.sum(unnormalised, axis=-1)
+    else:
+        tokens, total = inverse_cdf_sample(unnormalised, jax.random.uniform(key, (z.shape[0],)))
     chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - jax.nn.logsumexp(z, axis=-1)
+    return tokens, chosen - z_max[:, 0] - jnp.log(total)
+
+
+def first_argmax(x: jax.Array, x_max: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (first index of the max) given ``x_max = max(x, -1, keepdims=True)``.
+
+    Two plain reductions; XLA:CPU runs them several times faster than its variadic argmax reduce.
+    """
+    iota = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == x_max, iota, x.shape[-1]), axis=-1)
+
+
+def inverse_cdf_sample(weights: jax.Array, uniform: jax.Array, *, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """Draw one index per row with probability weights / sum(weights) by inverse-transform sampling.
+
+    Token i is chosen iff  C_{i-1} < u * C_V <= C_i  with C the running sum of the weights, so each
+    row needs ONE uniform instead of V Gumbel draws (``jax.random.categorical``), which on CPU cost
+    more than a small model's forward step. The running sum is two-level (block sums, then the
+    chosen block) so no length-V scan is needed. A zero-weight index is never chosen.
+
+    Args:
+      weights: [N, V] non-negative float32 weights (e.g. ``exp(z - max z)``), every row with a positive sum.
+      uniform: [N] uniforms in [0, 1).
+    Returns:
+      (indices [N] int32, row sums [N] float32).
+    """
+    n, vocab = weights.shape
+    num_blocks = -(-vocab // block)
+    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * block - vocab))).reshape(n, num_blocks, block)
+    block_sums = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(block_sums, axis=-1)
+    total = block_cdf[:, -1]
+    target = total * (1.0 - uniform)  # in (0, total]: a zero-weight prefix can never be hit
+    chosen = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), num_blocks - 1)
+    before = jnp.take_along_axis(block_cdf - block_sums, chosen[:, None], axis=-1)
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [N, block]
+    offset = jnp.sum(before + jnp.cumsum(inside, axis=-1) < target[:, None], axis=-1)
+    # Rounding can leave the block's own running sum a hair below the target: fall back to the
+    # block's last positive-weight index, never to a zero-weight one.
+    iota = jnp.arange(block, dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(inside > 0, iota, 0), axis=-1)
+    index = chosen * block + jnp.minimum(offset, last_positive)
+    return index.astype(jnp.int32), total
 
 
 def _is_eos(tokens: jax.Array, eos_token_ids: jax.Array) -> jax.Array:

@@ -291,3 +291,19 @@ def test_sequence_logprobs_rejects_bad_temperature(tiny_llama, prompts):
     out = generate(model, *prompts, max_new_tokens=T, rng=jax.random.key(0), temperature=0.0, eos_token_id=None)
     with pytest.raises(ValueError, match="temperature: got 0"):
         sequence_logprobs(model, out, temperature=0)
+
+
+def test_inverse_cdf_sample_never_picks_a_zero_weight_index():
+    rng = np.random.RandomState(0)
+    weights = rng.rand(512, 300).astype(np.float32) * (rng.rand(512, 300) < 0.1)  # ~90% zeros
+    weights[:, 299] = 0.0  # a zero tail and zero block padding
+    weights[:, rng.randint(0, 299, 512)] += 1e-3  # every row has mass
+    uniform = np.concatenate([[0.0, np.nextafter(np.float32(1), np.float32(0))], rng.rand(510)]).astype(np.float32)
+    index, total = jax.jit(sampler.inverse_cdf_sample)(jnp.asarray(weights), jnp.asarray(uniform))
+    index = np.asarray(index)
+    assert (weights[np.arange(512), index] > 0).all()
+    np.testing.assert_allclose(total, weights.sum(1), rtol=1e-5)
+    # u -> 0 takes the last positive index, u -> 1 the first: the map from u to the index is monotone.
+    cdf = np.cumsum(weights.astype(np.float64), axis=1)
+    expected = (cdf < (cdf[:, -1] * (1 - uniform.astype(np.float64)))[:, None]).sum(1)
+    assert (index == expected).mean() > 0.99
