@@ -20,6 +20,7 @@ from jaxrl_llm.objectives import (
     grpo_loss,
     kl_penalty,
     last_token_mask,
+    linear_token_logprobs,
     loss_terms,
     masked_mean,
     masked_sum,

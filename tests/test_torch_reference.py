@@ -197,3 +197,25 @@ def test_bfloat16_logits_are_upcast():
     assert out.dtype == jnp.float32
     expected = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     close(out, np.take_along_axis(np.asarray(expected), np.asarray(tokens)[..., None], -1)[..., 0])
+
+
+@pytest.mark.parametrize("chunk_size,softcap", [(None, None), (7, None), (4, 5.0)])
+def test_linear_token_logprobs_from_hidden_states(chunk_size, softcap):
+    rng = np.random.default_rng(6)
+    hidden = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    w = rng.normal(size=(8, 40)).astype(np.float32)
+    tokens = rng.integers(0, 40, size=(3, 5))
+    h_t, w_t = ref.t(hidden, True), ref.t(w, True)
+    z = h_t @ w_t
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    expected = ref.token_logprobs(z, torch.tensor(tokens), 0.8)
+    expected.sum().backward()
+    fn = lambda h, w: jaxrl_llm.linear_token_logprobs(h, w, tokens, temperature=0.8, chunk_size=chunk_size,
+                                                      softcap=softcap)
+    (logprobs, entropy) = fn(hidden, w)
+    close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    close(entropy, ref.token_entropy(z.detach(), 0.8), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda h, w: fn(h, w)[0].sum(), argnums=(0, 1))(hidden, w)
+    close(grads[0], h_t.grad, rtol=1e-4, atol=1e-5)
+    close(grads[1], w_t.grad, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from jaxrl_llm.objectives.aggregation import (
     summarize,
 )
 from jaxrl_llm.objectives.kl import KL_KINDS, kl_penalty
-from jaxrl_llm.objectives.logprobs import token_entropy, token_logprobs
+from jaxrl_llm.objectives.logprobs import linear_token_logprobs, token_entropy, token_logprobs
 from jaxrl_llm.objectives.losses import (
     best_of_group,
     clipped_surrogate,
@@ -51,6 +51,7 @@ __all__ = [
     "grpo_loss",
     "kl_penalty",
     "last_token_mask",
+    "linear_token_logprobs",
     "loss_terms",
     "masked_mean",
     "masked_sum",

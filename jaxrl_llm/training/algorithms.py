@@ -90,9 +90,10 @@ def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chun
     model = nnx.merge(graphdef, params)
     ids, attention = sequence_inputs(rollout)
     hidden = models.hidden_states(model, ids, attention)
-    logits = model.unembed(completion_slice(hidden, rollout))
-    logprobs = obj.token_logprobs(logits, rollout.tokens, temperature=temperature, chunk_size=chunk_size)
-    entropy = obj.token_entropy(jax.lax.stop_gradient(logits), temperature=temperature, chunk_size=chunk_size)
+    # Straight from hidden states: the [N, T, V] logits exist only chunk_size rows at a time.
+    logprobs, entropy = obj.linear_token_logprobs(
+        completion_slice(hidden, rollout), model.unembedding_matrix(), rollout.tokens,
+        temperature=temperature, chunk_size=chunk_size, softcap=model.final_logit_softcapping)
     return Forward(logprobs, entropy, hidden)
 
 
