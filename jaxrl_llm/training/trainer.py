@@ -163,13 +163,15 @@ class Trainer:
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints)
         self.data_position = 0
+        self.resumed = resume
         if resume:
-            self.state, meta = self.checkpointer.restore(self.state)
-            self.data_position = int(meta["data_position"])
-        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-        self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=resume)
-        if resume:
-            self.logger.drop_after(int(self.state.step))
+            self.restore()
+        self.logger = None  # opened by `run()`: evaluating or exporting never touches the run's logs
+
+    def restore(self, step: int | None = None) -> None:
+        """Load the checkpoint of `step` (default: the latest) into this trainer."""
+        self.state, meta = self.checkpointer.restore(self.state, step)
+        self.data_position = int(meta["data_position"])
 
     def _place(self, state: TrainState):
         """Parameters and optimizer state: replicated, or sharded over `fsdp`."""
@@ -282,6 +284,10 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         first = int(self.state.step)
+        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=self.resumed)
+        if self.resumed:
+            self.logger.drop_after(first)
         summary = {"start_step": first}
         before = self.evaluate()
         if before:
@@ -331,8 +337,8 @@ def train(config: Config, *, resume: bool = False) -> dict:
 
 def export(config: Config, output: str | Path, *, step: int | None = None) -> Path:
     """Write the policy of a run's checkpoint as a Hugging Face directory (`save_pretrained`)."""
-    trainer = Trainer(config, resume=False)
-    trainer.state, _ = trainer.checkpointer.restore(trainer.state, step)
+    trainer = Trainer(config)
+    trainer.restore(step)
     policy = nnx.merge(trainer.graphdef, trainer.state.params["policy"])
     output = Path(output)
     models.save_pretrained(policy, output)
