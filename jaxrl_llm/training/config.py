@@ -88,6 +88,7 @@ class AlgoConfig:
 class RolloutConfig:
     prompts_per_step: int = 64
     prompt_length: int | None = None  # pad prompts to exactly this many tokens; None: a multiple of 8
+    oversample: float = 1.0  # sample this many times more prompts; train on the groups whose rewards differ
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_k: int = 0
@@ -245,6 +246,9 @@ def validate(config: Config) -> Config:
          a.num_minibatches, f"a divisor of rollout.prompts_per_step={r.prompts_per_step} (minibatches hold whole groups)"),
         (0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "in [0, 1)"),
         (r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1"),
+        (r.oversample >= 1.0, "rollout.oversample", r.oversample, ">= 1 (1: train on every sampled prompt)"),
+        (r.oversample == 1.0 or a.num_samples >= 2, "rollout.oversample", r.oversample,
+         "1 when algo.num_samples is 1 (selection compares the samples of a prompt)"),
         (r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1"),
         (r.prompt_length is None or r.prompt_length >= 1, "rollout.prompt_length", r.prompt_length, "None or >= 1"),
         (r.temperature > 0, "rollout.temperature", r.temperature, "> 0 for RL sampling"),

@@ -12,6 +12,9 @@ How this departs from the algorithms as papers state them:
   ratio is this recomputation, so ratio == 1 exactly on the first update.
 - Samples whose reward failed (with `reward.on_error=mask`) are dropped from
   every baseline, advantage and loss of the step rather than scored 0.
+- `rollout.oversample > 1` samples more prompts than it trains on and keeps the
+  groups whose rewards differ (DAPO's dynamic sampling); the others have zero
+  advantage and would only dilute the update.
 - With more than one update per batch, REINFORCE and RLOO use PPO's clipped
   ratio on their sequence advantages (as TRL's RLOO does); with one, they are
   exactly the seed's estimator.
@@ -119,6 +122,16 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids:
     return texts, np.array(finished), ids
 
 
+def informative_rows(scores, valid, num_samples: int, num_groups: int) -> np.ndarray:
+    """Rows of `num_groups` whole groups, those whose valid rewards are not all equal first
+    (a group of identical rewards has zero advantage: it teaches nothing), in sampling order."""
+    grouped = np.where(valid, scores, np.nan).reshape(-1, num_samples)
+    spread = np.nan_to_num(np.nanmax(grouped, axis=1) - np.nanmin(grouped, axis=1)) > 0
+    order = np.concatenate([np.flatnonzero(spread), np.flatnonzero(~spread)])[:num_groups]
+    groups = np.sort(order)
+    return (groups[:, None] * num_samples + np.arange(num_samples)).reshape(-1)
+
+
 # -- the trainer ----------------------------------------------------------------------------------
 
 
@@ -132,6 +145,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
         self.num_sequences = c.rollout.prompts_per_step * c.algo.num_samples
+        self.prompts_sampled_per_step = int(round(c.rollout.prompts_per_step * c.rollout.oversample))
         parallel.check_batch_divisible(self.num_sequences, self.mesh, "rollout.prompts_per_step * algo.num_samples")
 
         # Model, tokenizer, task, reward.
@@ -227,14 +241,21 @@ class Trainer:
         generation_key, shuffle_key = step_keys(self.state, step)
 
         # 1. Prompts, then K completions per prompt (prompt-major).
-        examples = self.task.train_batch(self.data_position, c.rollout.prompts_per_step)
+        num_prompts = self.prompts_sampled_per_step
+        examples = self.task.train_batch(self.data_position, num_prompts)
         rollout = self._sample(examples, generation_key, num_samples=c.algo.num_samples,
                                temperature=c.rollout.temperature)
 
         # 2. Rewards, on the host (verifiers are Python).
         samples, scores, valid = self._score(examples, rollout, c.algo.num_samples)
-        batch = RolloutBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                             jnp.asarray(scores), jnp.asarray(valid))
+        sampled_scores, sampled_valid = scores, valid
+        arrays = [np.asarray(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)]
+        if num_prompts > c.rollout.prompts_per_step:
+            # Dynamic sampling (DAPO): train on the groups whose rewards differ.
+            rows = informative_rows(scores, valid, c.algo.num_samples, c.rollout.prompts_per_step)
+            arrays, scores, valid = [x[rows] for x in arrays], scores[rows], valid[rows]
+            samples = [samples[i] for i in rows]
+        batch = RolloutBatch(*arrays, scores, valid)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
 
         # 3. Old and reference log-probabilities, values, advantages.
@@ -250,7 +271,7 @@ class Trainer:
                 self.state, m = self._update(self.state, minibatch)
                 update_metrics.append(m)
         self.state = self.state.replace(step=self.state.step + 1)
-        self.data_position += c.rollout.prompts_per_step
+        self.data_position += num_prompts
 
         # 5. Metrics (means over the updates of this step).
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -258,14 +279,17 @@ class Trainer:
             if key in metrics and key in ("kl", "entropy"):
                 continue  # measured before the updates, on the policy that sampled
             metrics[key] = float(np.mean([float(m[key]) for m in update_metrics]))
-        lengths = np.asarray(rollout.mask).sum(-1)
+        lengths = np.asarray(batch.mask).sum(-1)
         finished = np.array([s.finished for s in samples])
         exact = self.task.score_batch([s.example for s in samples], [s.text for s in samples], finished)
         elapsed = time.perf_counter() - start
+        ok = sampled_valid
         metrics.update({
-            "reward/mean": float(scores[valid].mean()) if valid.any() else float("nan"),
-            "reward/std": float(scores[valid].std()) if valid.any() else float("nan"),
-            "reward/valid_fraction": float(valid.mean()),
+            # Rewards of everything sampled this step (before any dynamic-sampling selection).
+            "reward/mean": float(sampled_scores[ok].mean()) if ok.any() else float("nan"),
+            "reward/std": float(sampled_scores[ok].std()) if ok.any() else float("nan"),
+            "reward/valid_fraction": float(ok.mean()),
+            "reward/trained_mean": float(scores[valid].mean()) if valid.any() else float("nan"),
             "train/accuracy": float(np.mean(np.asarray(exact) >= 1.0)),
             "completion/mean_length": float(lengths.mean()),
             "completion/eos_fraction": float(finished.mean()),

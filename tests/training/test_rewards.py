@@ -67,3 +67,17 @@ def test_wrong_length_and_bad_targets():
         python_term("no_colon")
     with pytest.raises(ValueError, match="cannot import"):
         python_term("not_a_module_xyz:f")
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
+    from jaxrl_llm.training.trainer import informative_rows
+
+    scores = np.array([0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1], np.float32)  # groups of 2: [0,0] [1,0] [1,1] [0,1] [0,0] [1,1]
+    valid = np.ones(12, bool)
+    np.testing.assert_array_equal(informative_rows(scores, valid, 2, 2), [2, 3, 6, 7])
+    # Too few informative groups: fill with the others, in sampling order.
+    np.testing.assert_array_equal(informative_rows(scores, valid, 2, 3), [0, 1, 2, 3, 6, 7])
+    # An invalid sample does not make its group look informative.
+    valid[1] = False
+    scores[1] = 5.0
+    np.testing.assert_array_equal(informative_rows(scores, valid, 2, 2), [2, 3, 6, 7])
