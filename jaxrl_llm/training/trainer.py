@@ -316,6 +316,8 @@ class Trainer:
         before = self.evaluate()
         if before:
             summary["eval/accuracy_before"] = before["eval/accuracy"]
+            if first == 0:
+                self.logger.log(0, before)  # the curve starts where the policy started
             print(f"held-out accuracy before: {before['eval/accuracy']:.1%} ({len(self.eval_examples)} examples)")
         progress = _progress(range(first, c.train.steps), enabled=c.train.progress)
         last = {}
