@@ -39,6 +39,7 @@ def run(algo: str, steps: int, run_dir: Path) -> dict:
     summary = trainer.run()
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["step"] > 0]  # step 0 holds only the evaluation before training
     k = max(1, min(10, steps // 5))
     mean = lambda key, part: sum(r[key] for r in part) / len(part)
     return {

@@ -219,3 +219,14 @@ def test_linear_token_logprobs_from_hidden_states(chunk_size, softcap):
     grads = jax.grad(lambda h, w: fn(h, w)[0].sum(), argnums=(0, 1))(hidden, w)
     close(grads[0], h_t.grad, rtol=1e-4, atol=1e-5)
     close(grads[1], w_t.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_raft_min_score_skips_groups_without_a_good_sample():
+    logprobs = -np.ones((4, 2), np.float32)
+    scores = np.array([0.0, 0.0, 1.0, 0.0], np.float32)  # group 0 has no correct sample
+    mask = np.ones((4, 2), np.float32)
+    fn = lambda lp: jaxrl_llm.raft_loss(lp, scores, mask, num_samples=2, min_score=1.0)[0]
+    grad = jax.grad(fn)(jnp.asarray(logprobs))
+    np.testing.assert_array_equal(grad[:2], 0.0)  # nothing learned from the best of two wrong answers
+    np.testing.assert_allclose(grad[2], -0.5)  # token-mean over the 2 tokens of the one selected sample
+    np.testing.assert_array_equal(grad[3], 0.0)

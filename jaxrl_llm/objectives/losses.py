@@ -420,20 +420,24 @@ def raft_loss(
     mask,
     *,
     num_samples: int,
+    min_score: float | None = None,
     aggregation: str = "token-mean",
     nonfinite_scores: str = "raise",
     axis_name=None,
 ):
     """RAFT: negative log-likelihood of the best of the K samples of each prompt.
 
-    loss = -agg over {n : n = argmax_{j in group} score_j} of log pi(y_nt).
-    Reward rAnked FineTuning, Dong et al. 2023, https://arxiv.org/abs/2304.06767.
+    loss = -agg over {n : n = argmax_{j in group} score_j, score_n >= min_score} of log pi(y_nt).
+    Reward rAnked FineTuning, Dong et al. 2023, https://arxiv.org/abs/2304.06767. With a
+    0/1 verifier, pass `min_score=1`: the best of K wrong answers is still wrong, and
+    fine-tuning on it drives the policy to collapse.
 
     Args:
       logprobs: `[N, T]` policy log-probabilities (with gradient).
       scores: `[N]` sequence scores, prompt-major groups of `num_samples`.
       mask: `[N, T]` completion mask.
       num_samples: K >= 1.
+      min_score: a group whose best score is below this is skipped (None: never).
       aggregation: see `aggregation.loss_terms` (only selected samples count).
       nonfinite_scores: "raise", or "mask" (a non-finite score is never selected).
       axis_name: mapped axis the batch is split over.
@@ -446,6 +450,8 @@ def raft_loss(
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
     ranking = scores if valid is None else jnp.where(valid > 0, scores, -jnp.inf)
     selected = best_of_group(ranking, num_samples=num_samples)
+    if min_score is not None:
+        selected = selected * (scores >= min_score)
     keep = jnp.asarray(mask) > 0
     loss, loss_stat = aggregate_loss(
         -_masked_f32(logprobs, keep), mask, aggregation, seq_mask=selected, axis_name=axis_name

@@ -201,7 +201,7 @@ class Algorithm:
                                       kl_coef=cfg.kl_coef, kl_kind="k3", **common)
         elif cfg.name == "raft":
             loss, aux = obj.raft_loss(fwd.logprobs, nan_if_invalid, rollout.mask, num_samples=cfg.num_samples,
-                                      nonfinite_scores="mask", **common)
+                                      min_score=cfg.raft_min_score, nonfinite_scores="mask", **common)
         else:  # ppo
             values = critic_values(self.critic_graphdef, params["critic"], rollout, fwd.hidden)
             loss, aux = obj.ppo_loss(fwd.logprobs, batch.old_logprobs, batch.advantages, mask,

@@ -80,6 +80,7 @@ class AlgoConfig:
     critic: Literal["shared", "separate"] = "shared"
     whiten_advantages: bool = True  # PPO only
     grpo_scale: Literal["group", "batch", "none"] = "group"
+    raft_min_score: float | None = None  # RAFT trains on a group's best sample only if it scores at least this
     entropy_coef: float = 0.0
     aggregation: str | None = None  # None: the algorithm's own default
 
