@@ -122,6 +122,11 @@ def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids:
     return texts, np.array(finished), ids
 
 
+def exact_accuracy(task, examples, texts, finished) -> float:
+    """Share of completions the task's verifier gives full marks (partial credit does not count)."""
+    return float(np.mean(np.asarray(task.score_batch(examples, texts, finished)) >= 1.0))
+
+
 def informative_rows(scores, valid, num_samples: int, num_groups: int) -> np.ndarray:
     """Rows of `num_groups` whole groups, those whose valid rewards are not all equal first
     (a group of identical rewards has zero advantage: it teaches nothing), in sampling order."""
@@ -230,8 +235,7 @@ class Trainer:
         rollout = self._sample(self.eval_examples, key, num_samples=1, temperature=self.config.train.eval_temperature)
         texts, finished, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask),
                                                 self.eos_ids)
-        correct = [f and t == e.answer for e, t, f in zip(self.eval_examples, texts, finished)]
-        return {"eval/accuracy": float(np.mean(correct))}
+        return {"eval/accuracy": exact_accuracy(self.task, self.eval_examples, texts, finished)}
 
     # -- one RL step --------------------------------------------------------------------------
     def step(self) -> dict:
@@ -281,7 +285,6 @@ class Trainer:
             metrics[key] = float(np.mean([float(m[key]) for m in update_metrics]))
         lengths = np.asarray(batch.mask).sum(-1)
         finished = np.array([s.finished for s in samples])
-        exact = self.task.score_batch([s.example for s in samples], [s.text for s in samples], finished)
         elapsed = time.perf_counter() - start
         ok = sampled_valid
         metrics.update({
@@ -290,7 +293,8 @@ class Trainer:
             "reward/std": float(sampled_scores[ok].std()) if ok.any() else float("nan"),
             "reward/valid_fraction": float(ok.mean()),
             "reward/trained_mean": float(scores[valid].mean()) if valid.any() else float("nan"),
-            "train/accuracy": float(np.mean(np.asarray(exact) >= 1.0)),
+            "train/accuracy": exact_accuracy(self.task, [s.example for s in samples], [s.text for s in samples],
+                                             finished),
             "completion/mean_length": float(lengths.mean()),
             "completion/eos_fraction": float(finished.mean()),
             "step_time_s": elapsed,
