@@ -51,18 +51,28 @@ class CausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: layers.KVCache | None = None,
+        *,
+        fresh_cache: bool = False,
+        last_position_only: bool = False,
     ) -> tuple[jax.Array, layers.KVCache | None]:
-        """Final normed hidden states [B, S, D] (parameter dtype) and the updated cache (or None)."""
+        """Final normed hidden states [B, S, D] (parameter dtype) and the updated cache (or None).
+
+        ``fresh_cache=True`` promises ``cache`` is empty (from ``init_cache``, nothing written yet):
+        the tokens then attend only to each other instead of to every slot of the cache.
+        ``last_position_only=True`` returns [B, 1, D], the last column's hidden state, and skips the
+        last layer's attention output and MLP at the other positions (the cache still receives
+        every position's keys and values): all a prompt prefill needs.
+        """
         input_ids = jnp.asarray(input_ids)
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
         if positions is not None:
             positions = jnp.asarray(positions)
-        ctx, cache = layers.make_context(input_ids, attention_mask, positions, cache)
+        ctx, cache = layers.make_context(input_ids, attention_mask, positions, cache, fresh_cache=fresh_cache)
         if cache is not None and len(cache.k) != self.num_layers:
             raise ValueError(f"cache: has {len(cache.k)} layers, expected {self.num_layers} for this model")
         kv = None if cache is None else list(zip(cache.k, cache.v))
-        hidden, kv = self.backbone(input_ids, ctx, kv)
+        hidden, kv = self.backbone(input_ids, ctx, kv, last_only=last_position_only)
         if cache is not None:
             cache = cache._replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
         return hidden, cache

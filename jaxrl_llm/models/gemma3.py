@@ -66,9 +66,9 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x, ctx, kv):
-        attn, kv = self.self_attn(self.input_layernorm(x), ctx, kv)
-        x = x + self.post_attention_layernorm(attn)
+    def __call__(self, x, ctx, kv, *, last_only=False):
+        attn, kv = self.self_attn(self.input_layernorm(x), ctx, kv, last_only=last_only)
+        x = x[:, -attn.shape[1]:] + self.post_attention_layernorm(attn)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x, kv
 
@@ -82,15 +82,12 @@ class Gemma3TextModel(nnx.Module):
         self.layers = nnx.List([Gemma3DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, dtype=dtype)
 
-    def __call__(self, input_ids, ctx, kv):
+    def __call__(self, input_ids, ctx, kv, *, last_only=False):
         x = self.embed_tokens(input_ids)
         # The scale is rounded to the embedding dtype first (sqrt(640) becomes 25.25 in bfloat16), as in transformers.
         x = x * jnp.asarray(self.embed_scale, jnp.float32).astype(x.dtype)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, ctx, None if kv is None else kv[i])
-            new_kv.append(layer_kv)
-        return self.norm(x), (None if kv is None else new_kv)
+        x, kv = layers.run_layers(self.layers, x, ctx, kv, last_only=last_only)
+        return self.norm(x), kv
 
 
 class Gemma3ForCausalLM(CausalLM):

@@ -24,17 +24,20 @@ class GPTNeoXAttention(nnx.Module):
         self.query_key_value = layers.Linear(cfg.hidden_size, 3 * cfg.hidden_size, use_bias=bias, dtype=dtype, rngs=rngs)
         self.dense = layers.Linear(cfg.hidden_size, cfg.hidden_size, use_bias=bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, ctx, kv):
+    def __call__(self, x, ctx, kv, *, last_only=False):
         batch, seq, _ = x.shape
         qkv = self.query_key_value(x).reshape(batch, seq, self.num_heads, 3 * self.head_dim)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        q = layers.apply_rope(q, ctx.positions, self.rope)
-        k = layers.apply_rope(k, ctx.positions, self.rope)
+        q, q_ctx = layers.queries_of(q, ctx, last_only)
+        q = layers.apply_rope(q, q_ctx.positions, self.rope, max_position=ctx.max_position)
+        k = layers.apply_rope(k, ctx.positions, self.rope, max_position=ctx.max_position)
+        k, v = layers.heads_major(k), layers.heads_major(v)
         if kv is not None:
             kv = layers.update_layer_cache(*kv, k, v, ctx.cache_index)
-            k, v = kv
-        out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, scale=self.head_dim**-0.5)
-        return self.dense(out.reshape(batch, seq, -1)), kv
+            if ctx.attend_cache:
+                k, v = kv
+        out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_ctx, scale=self.head_dim**-0.5)
+        return self.dense(out.reshape(batch, q.shape[1], -1)), kv
 
 
 class GPTNeoXMLP(nnx.Module):
@@ -56,8 +59,9 @@ class GPTNeoXLayer(nnx.Module):
         self.attention = GPTNeoXAttention(cfg, rope=rope, dtype=dtype, rngs=rngs)
         self.mlp = GPTNeoXMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, ctx, kv):
-        attn, kv = self.attention(self.input_layernorm(x), ctx, kv)
+    def __call__(self, x, ctx, kv, *, last_only=False):
+        attn, kv = self.attention(self.input_layernorm(x), ctx, kv, last_only=last_only)
+        x = x[:, -attn.shape[1]:]
         if self.use_parallel_residual:
             return self.mlp(self.post_attention_layernorm(x)) + attn + x, kv
         x = attn + x
@@ -74,13 +78,9 @@ class GPTNeoXModel(nnx.Module):
         self.layers = nnx.List([GPTNeoXLayer(cfg, rope=rope, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.final_layer_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
-    def __call__(self, input_ids, ctx, kv):
-        x = self.embed_in(input_ids)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, ctx, None if kv is None else kv[i])
-            new_kv.append(layer_kv)
-        return self.final_layer_norm(x), (None if kv is None else new_kv)
+    def __call__(self, input_ids, ctx, kv, *, last_only=False):
+        x, kv = layers.run_layers(self.layers, self.embed_in(input_ids), ctx, kv, last_only=last_only)
+        return self.final_layer_norm(x), kv
 
 
 class GPTNeoXForCausalLM(CausalLM):

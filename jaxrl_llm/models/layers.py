@@ -14,6 +14,7 @@ Conventions (all modules):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -44,6 +45,22 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def fused_linear(x: jax.Array, *linears: Linear) -> list[jax.Array]:
+    """``[lin(x) for lin in linears]`` as ONE matmul against the concatenated kernels.
+
+    One wide matmul keeps more cores busy than several narrow ones (XLA:CPU runs a
+    [64, 128] x [128, 512] product on one thread, a [64, 128] x [128, 1024] one on two), and
+    inside a decode loop XLA hoists the loop-invariant weight concatenation out of the loop.
+    """
+    kernels = [lin.kernel[...] for lin in linears]
+    y = x @ jnp.concatenate(kernels, axis=1)
+    if any(lin.bias is not None for lin in linears):
+        y = y + jnp.concatenate(
+            [lin.bias[...] if lin.bias is not None else jnp.zeros(k.shape[1], k.dtype) for lin, k in zip(linears, kernels)]
+        )
+    return jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1)
 
 
 class Embedding(nnx.Module):
@@ -186,17 +203,49 @@ def rope_spec(params: dict, *, head_dim: int, max_position_embeddings: int) -> R
     return RopeSpec(tuple(float(f) for f in inv_freq), float(scaling), dim)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec) -> jax.Array:
+# Largest [positions x rotary_dim] table of cos/sin kept as a compile-time constant.
+_ROPE_TABLE_MAX_ELEMENTS = 1 << 20
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(spec: RopeSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 cos/sin [length, rotary_dim] (scaled) for positions 0..length-1, computed once on the host."""
+    inv_freq = np.asarray(spec.inv_freq, np.float32)
+    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    scale = np.float32(spec.attention_scaling)
+    return (np.cos(emb) * scale).astype(np.float32), (np.sin(emb) * scale).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, spec: RopeSpec, dtype, *, max_position: int | None = None):
+    """cos and sin [B, S, 1, rotary_dim] of the RoPE angles ``positions * inv_freq``, in ``dtype``.
+
+    The angles are float32 and cos/sin are cast to ``dtype`` before the product, as transformers
+    does. When every position is known to be < ``max_position`` (a static bound), cos/sin are
+    gathered from a table computed on the host: XLA:CPU otherwise fuses sin/cos into each consumer
+    and evaluates them again for every head, which costs more than the rotation itself.
+    """
+    rot = spec.rotary_dim
+    if max_position is not None and max_position * rot <= _ROPE_TABLE_MAX_ELEMENTS:
+        cos_table, sin_table = _rope_table(spec, max_position)
+        cos = jnp.take(cos_table, positions, axis=0, mode="clip")
+        sin = jnp.take(sin_table, positions, axis=0, mode="clip")
+    else:
+        inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, rot/2]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos = jnp.cos(emb) * spec.attention_scaling
+        sin = jnp.sin(emb) * spec.attention_scaling
+    return cos.astype(dtype)[:, :, None, :], sin.astype(dtype)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec, *, max_position: int | None = None) -> jax.Array:
     """Rotate the first ``spec.rotary_dim`` channels of x [B, S, heads, Dh] by ``positions`` [B, S].
 
-    The angles are float32 and cos/sin are cast to x's dtype before the product, as transformers does.
     Half-split ("rotate_half") layout, the one every Hugging Face checkpoint of these families uses.
+    ``max_position``: a static bound on the positions, if known (see ``rope_cos_sin``).
     """
-    inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, rot/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos = (jnp.cos(emb) * spec.attention_scaling).astype(x.dtype)
-    sin = (jnp.sin(emb) * spec.attention_scaling).astype(x.dtype)
+    cos, sin = rope_cos_sin(positions, spec, x.dtype, max_position=max_position)
     rot, passthrough = x[..., : spec.rotary_dim], x[..., spec.rotary_dim :]
     half = spec.rotary_dim // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
@@ -211,7 +260,8 @@ class KVCache(NamedTuple):
     """Preallocated key/value cache, a pytree that jitted prefill/decode steps carry.
 
     Attributes:
-      k, v: one array per layer, each [B, L, K, Dh].
+      k, v: one array per layer, each [B, K, L, Dh]: head-major, so attention reads each head's
+        keys as one contiguous [L, Dh] block instead of transposing the whole cache every step.
       valid: [B, L] bool, True for slots holding a real (non-pad) token; unwritten
         slots and left-padding slots are False and never attended.
       index: int32 scalar, the next slot to write (a traced value, so one compiled
@@ -240,7 +290,7 @@ def empty_cache(*, num_layers: int, batch_size: int, max_length: int, num_kv_hea
         raise ValueError(
             f"batch_size/max_length: got {batch_size}/{max_length}, expected positive integers"
         )
-    shape = (batch_size, max_length, num_kv_heads, head_dim)
+    shape = (batch_size, num_kv_heads, max_length, head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     return KVCache(
         k=zeros,
@@ -257,12 +307,17 @@ class Context(NamedTuple):
     kv_valid: [B, Lk] bool, which key slots hold real tokens.
     positions: [B, S] int, RoPE positions of the new tokens.
     cache_index: int32 scalar write offset, or None without a cache.
+    attend_cache: True when attention reads keys/values from the cache (slots 0..Lk-1); False
+      when it reads only the new tokens' (no cache, or a fresh cache that holds nothing else).
+    max_position: static bound on ``positions`` when they are the default ones (None when given).
     """
 
     q_slot: jax.Array
     kv_valid: jax.Array
     positions: jax.Array
     cache_index: jax.Array | None
+    attend_cache: bool = False
+    max_position: int | None = None
 
 
 def make_context(
@@ -270,11 +325,15 @@ def make_context(
     attention_mask: jax.Array | None,
     positions: jax.Array | None,
     cache: KVCache | None,
+    *,
+    fresh_cache: bool = False,
 ) -> tuple[Context, KVCache | None]:
     """Validate inputs and build the ``Context``; with a cache, also write the new validity slots.
 
     Default positions are ``cumsum(mask) - 1`` clipped at 0 over every token seen so far, which is
-    what transformers' ``generate`` uses for left-padded prompts.
+    what transformers' ``generate`` uses for left-padded prompts. ``fresh_cache=True`` promises the
+    cache is empty (index 0, as from ``empty_cache``): the new tokens are written to it but attend
+    only to each other, so a prompt prefill does not read the cache's empty slots.
     """
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids: got shape {input_ids.shape} dtype {input_ids.dtype}, expected [B, S] integers")
@@ -286,27 +345,39 @@ def make_context(
     mask = attention_mask.astype(bool)
     if positions is not None and positions.shape != (batch, seq):
         raise ValueError(f"positions: got shape {positions.shape}, expected {(batch, seq)} like input_ids")
+    # Default positions count real tokens, so they stay below the number of slots: a static bound.
+    bound = None if positions is not None else (seq if cache is None or fresh_cache else cache.max_length)
     if cache is None:
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        return Context(jnp.arange(seq), mask, positions.astype(jnp.int32), None), None
+        return Context(jnp.arange(seq), mask, positions.astype(jnp.int32), None, max_position=bound), None
     if cache.valid.shape[0] != batch:
         raise ValueError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
     if seq > cache.max_length:
         raise ValueError(f"input_ids: {seq} tokens do not fit a cache of max_length {cache.max_length}")
     valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+    if fresh_cache:
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        ctx = Context(jnp.arange(seq), mask, positions.astype(jnp.int32), cache.index, False, bound)
+        return ctx, cache._replace(valid=valid, index=cache.index + seq)
     if positions is None:
         all_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         positions = jax.lax.dynamic_slice(all_positions, (0, cache.index), (batch, seq))
-    ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index)
+    ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index, True, bound)
     return ctx, cache._replace(valid=valid, index=cache.index + seq)
+
+
+def heads_major(x: jax.Array) -> jax.Array:
+    """[B, S, K, Dh] -> [B, K, S, Dh], the layout of the KV cache and of attention's keys/values."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def update_layer_cache(
     k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Write k, v [B, S, K, Dh] into a layer's cache at slot ``index``."""
-    start = (0, index, 0, 0)
+    """Write k, v [B, K, S, Dh] into a layer's [B, K, L, Dh] cache at slot ``index``."""
+    start = (0, 0, index, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
     return k_cache, v_cache
@@ -331,26 +402,26 @@ def dot_product_attention(
     and, for a sliding-window layer, ``j > q_slot[i] - sliding_window`` (transformers' index-based window).
 
     Args:
-      q: [B, S, H, Dh]; k, v: [B, Lk, K, Dh] with H a multiple of K.
+      q: [B, S, H, Dh]; k, v: [B, K, Lk, Dh] (heads-major, as the KV cache) with H a multiple of K.
     Returns:
       [B, S, H, Dh] in q's dtype. Scores are computed in q's dtype, the softmax in float32.
     """
     batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     groups = heads // kv_heads
     qg = q.reshape(batch, seq, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k) * jnp.asarray(scale, q.dtype)
+    scores = jnp.einsum("bskgd,bktd->bkgst", qg, k) * jnp.asarray(scale, q.dtype)
     scores = scores.astype(jnp.float32)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    kv_slot = jnp.arange(k.shape[1])
+    kv_slot = jnp.arange(k.shape[2])
     allowed = kv_slot[None, :] <= ctx.q_slot[:, None]  # [S, Lk]
     if sliding_window is not None:
         allowed = allowed & (kv_slot[None, :] > ctx.q_slot[:, None] - sliding_window)
     allowed = allowed[None, :, :] & ctx.kv_valid[:, None, :]  # [B, S, Lk]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(batch, seq, heads, head_dim)
 
 
@@ -396,24 +467,54 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, ctx: Context, kv: tuple[jax.Array, jax.Array] | None):
-        """x [B, S, D] -> ([B, S, D], updated (k_cache, v_cache) or None)."""
+    def __call__(self, x: jax.Array, ctx: Context, kv: tuple[jax.Array, jax.Array] | None, *, last_only: bool = False):
+        """x [B, S, D] -> ([B, S', D], updated (k_cache, v_cache) or None).
+
+        S' = S, or 1 with ``last_only``: every position's keys and values are computed (and cached)
+        but only the last position queries (``queries_of``).
+        """
         batch, seq, _ = x.shape
-        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(batch, seq, self.num_heads, self.head_dim)
+        k = k.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, ctx.positions, self.rope)
-        k = apply_rope(k, ctx.positions, self.rope)
+        q, q_ctx = queries_of(q, ctx, last_only)
+        q = apply_rope(q, q_ctx.positions, self.rope, max_position=ctx.max_position)
+        k = apply_rope(k, ctx.positions, self.rope, max_position=ctx.max_position)
+        k, v = heads_major(k), heads_major(v)
         if kv is not None:
             kv = update_layer_cache(*kv, k, v, ctx.cache_index)
-            k, v = kv
+            if ctx.attend_cache:
+                k, v = kv
         out = dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), ctx,
+            q, k.astype(q.dtype), v.astype(q.dtype), q_ctx,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
         )
-        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), kv
+        return self.o_proj(out.reshape(batch, q.shape[1], self.num_heads * self.head_dim)), kv
+
+
+def queries_of(q: jax.Array, ctx: Context, last_only: bool) -> tuple[jax.Array, Context]:
+    """The queries [B, S', H, Dh] that attend and the ``Context`` they attend with: all S, or only the last."""
+    if not last_only:
+        return q, ctx
+    return q[:, -1:], ctx._replace(q_slot=ctx.q_slot[-1:], positions=ctx.positions[:, -1:])
+
+
+def run_layers(decoder_layers, x: jax.Array, ctx: Context, kv, *, last_only: bool = False):
+    """Apply decoder layers in order; ``kv`` is None or one (k, v) cache pair per layer.
+
+    With ``last_only``, the final layer computes its output for the last position only (every
+    layer still writes every position's keys and values): a prefill needs nothing else.
+    Returns (x [B, S or 1, D], new kv list or None).
+    """
+    new_kv = []
+    last = len(decoder_layers) - 1
+    for i, layer in enumerate(decoder_layers):
+        x, layer_kv = layer(x, ctx, None if kv is None else kv[i], last_only=last_only and i == last)
+        new_kv.append(layer_kv)
+    return x, (None if kv is None else new_kv)
 
 
 class GatedMLP(nnx.Module):
@@ -427,7 +528,8 @@ class GatedMLP(nnx.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(activation(self.act)(gate) * up)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

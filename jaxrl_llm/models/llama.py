@@ -69,9 +69,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, ctx, kv):
-        attn, kv = self.self_attn(self.input_layernorm(x), ctx, kv)
-        x = x + attn
+    def __call__(self, x, ctx, kv, *, last_only=False):
+        attn, kv = self.self_attn(self.input_layernorm(x), ctx, kv, last_only=last_only)
+        x = x[:, -attn.shape[1]:] + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
@@ -89,13 +89,9 @@ class LlamaModel(nnx.Module):
         )
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, input_ids, ctx, kv):
-        x = self.embed_tokens(input_ids)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, ctx, None if kv is None else kv[i])
-            new_kv.append(layer_kv)
-        return self.norm(x), (None if kv is None else new_kv)
+    def __call__(self, input_ids, ctx, kv, *, last_only=False):
+        x, kv = layers.run_layers(self.layers, self.embed_tokens(input_ids), ctx, kv, last_only=last_only)
+        return self.norm(x), kv
 
 
 class LlamaForCausalLM(CausalLM):

@@ -66,7 +66,7 @@ def test_from_config_random_init_and_hidden_states():
     assert logits.dtype == jnp.float32 and unembedded.dtype == jnp.float32
     np.testing.assert_allclose(unembedded, logits, atol=1e-6)
     cache = models.init_cache(model, 3, 16)
-    assert len(cache.k) == 2 and cache.k[0].shape == (3, 16, 2, 16) and cache.k[0].dtype == jnp.bfloat16
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 16, 16) and cache.k[0].dtype == jnp.bfloat16
     assert cache.valid.shape == (3, 16) and cache.index.dtype == jnp.int32 and cache.index.shape == ()
 
 
