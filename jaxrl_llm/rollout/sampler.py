@@ -20,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_llm.objectives import token_logprobs
 
@@ -129,22 +130,28 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     return logits
 
 
-def _sample_step(logits, key, opts: _Options, params: _Sampling) -> tuple[jax.Array, jax.Array]:
-    """logits [N, V] float32 -> (tokens [N] int32, logprobs [N] float32 of those tokens)."""
-    z = logits
-    if not opts.greedy:
-        z = logits / params.temperature
-        if opts.top_k > 0 or opts.use_top_p:
-            z = filter_logits(z, top_k=opts.top_k, top_p=params.top_p if opts.use_top_p else 1.0)
-    z_max = jnp.max(z, axis=-1, keepdims=True)
-    unnormalised = jnp.exp(z - z_max)  # filtered tokens (-inf) get exactly 0
+def _sample_step(logits, uniform, opts: _Options, params: _Sampling) -> tuple[jax.Array, jax.Array]:
+    """logits [N, V] float32, uniforms [N] -> (tokens [N] int32, logprobs [N] float32 of those tokens).
+
+    Without filtering, softmax(logits / T) is computed as exp((logits - max) / T) / total, so the
+    scaled [N, V] logits are never written out (one pass over the vocabulary fewer per step).
+    """
+    scale = 1.0
     if opts.greedy:
-        tokens = first_argmax(z, z_max)
+        x = logits
+    elif opts.top_k > 0 or opts.use_top_p:
+        x = filter_logits(logits / params.temperature, top_k=opts.top_k, top_p=params.top_p if opts.use_top_p else 1.0)
+    else:
+        x, scale = logits, 1.0 / params.temperature
+    x_max = jnp.max(x, axis=-1, keepdims=True)
+    unnormalised = jnp.exp((x - x_max) * scale)  # filtered tokens (-inf) get exactly 0
+    if opts.greedy:
+        tokens = first_argmax(x, x_max)
         total = jnp.sum(unnormalised, axis=-1)
     else:
-        tokens, total = inverse_cdf_sample(unnormalised, jax.random.uniform(key, (z.shape[0],)))
-    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - z_max[:, 0] - jnp.log(total)
+        tokens, total = inverse_cdf_sample(unnormalised, uniform)
+    chosen = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0]
+    return tokens, (chosen - x_max[:, 0]) * scale - jnp.log(total)
 
 
 def first_argmax(x: jax.Array, x_max: jax.Array) -> jax.Array:
@@ -197,25 +204,26 @@ def _is_eos(tokens: jax.Array, eos_token_ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the compiled loop
 
 
-def _generate_impl(graphdef, opts: _Options, state, prompt_ids, prompt_mask, rng, params: _Sampling):
-    """Prefill + while_loop decode; traced once per (graphdef, opts, shapes)."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    model = nnx.merge(graphdef, state)
+def _sample_rows(opts: _Options, model, prompt_ids, prompt_mask, uniforms, params: _Sampling):
+    """Prefill + while_loop decode for the prompts one device holds: [B, P] prompts -> [B*K, T] arrays.
+
+    Rows never interact, so under ``shard_map`` every device runs this on its own rows with no
+    communication, and stops as soon as its own rows are done.
+    """
     batch, prompt_len = prompt_ids.shape
     k, steps = opts.num_samples, opts.max_new_tokens
     n = batch * k
     # The last sampled token is never fed back, so the cache needs P + T - 1 slots.
     cache = model.init_cache(batch, prompt_len + steps - 1, opts.cache_dtype)
-    hidden, cache = model.hidden_states(prompt_ids, prompt_mask, None, cache)
-    logits = model.unembed(hidden[:, -1])  # left padding: the last column is every row's last token
-    prompt_lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    # Left padding: the last column is every row's last token, the only one whose logits we need.
+    hidden, cache = model.hidden_states(prompt_ids, prompt_mask, None, cache, fresh_cache=True, last_position_only=True)
+    logits = model.unembed(hidden[:, -1])
     if k > 1:  # prefill each prompt once, then give each of its K samples a copy of its cache
         repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
-        logits, prompt_lengths = repeat(logits), repeat(prompt_lengths)
+        logits = repeat(logits)
         cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid))
 
-    first, first_lp = _sample_step(logits, jax.random.fold_in(rng, 0), opts, params)
+    first, first_lp = _sample_step(logits, uniforms[0], opts, params)
     tokens = jnp.full((n, steps), params.pad_token_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((n, steps), jnp.float32).at[:, 0].set(first_lp)
     lengths = jnp.ones((n,), jnp.int32)
@@ -228,10 +236,11 @@ def _generate_impl(graphdef, opts: _Options, state, prompt_ids, prompt_mask, rng
 
     def body(carry):
         t, cache, last, done, lengths, tokens, logprobs = carry
-        positions = (prompt_lengths + t - 1)[:, None]
-        hidden, cache = model.hidden_states(last[:, None], ones, positions, cache)
+        # Default positions (real tokens so far, minus one): bounded by the cache length, which
+        # lets RoPE read cos/sin from a constant table.
+        hidden, cache = model.hidden_states(last[:, None], ones, None, cache)
         logits = model.unembed(hidden[:, 0])
-        new, new_lp = _sample_step(logits, jax.random.fold_in(rng, t), opts, params)
+        new, new_lp = _sample_step(logits, uniforms[t], opts, params)
         new = jnp.where(done, params.pad_token_id, new)
         new_lp = jnp.where(done, 0.0, new_lp)
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, t))
@@ -243,6 +252,27 @@ def _generate_impl(graphdef, opts: _Options, state, prompt_ids, prompt_mask, rng
     carry = (jnp.int32(1), cache, first, done, lengths, tokens, logprobs)
     _, _, _, _, lengths, tokens, logprobs = jax.lax.while_loop(cond, body, carry)
     mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.int32)
+    return tokens, mask, logprobs
+
+
+def _generate_impl(opts: _Options, mesh, model, prompt_ids, prompt_mask, rng, params: _Sampling):
+    """Uniforms for every (step, row), then ``_sample_rows`` on one device or on each device of ``mesh``."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    prompt_ids, prompt_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+    k, steps = opts.num_samples, opts.max_new_tokens
+    n = prompt_ids.shape[0] * k
+    # Drawn up front for the whole batch: no PRNG work inside the decode loop, and row n's draws
+    # are the same whatever the number of devices the batch is split over.
+    uniforms = jax.random.uniform(rng, (steps, n), jnp.float32)
+    sample_rows = functools.partial(_sample_rows, opts)
+    if mesh is not None:
+        rows = P(mesh.axis_names)
+        sample_rows = jax.shard_map(
+            sample_rows, mesh=mesh, in_specs=(P(), rows, rows, P(None, mesh.axis_names), P()),
+            out_specs=(rows, rows, rows), check_vma=False,
+        )
+    tokens, mask, logprobs = sample_rows(model, prompt_ids, prompt_mask, uniforms, params)
     return Rollout(
         tokens=tokens,
         mask=mask,
@@ -255,9 +285,13 @@ def _generate_impl(graphdef, opts: _Options, state, prompt_ids, prompt_mask, rng
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_generate(graphdef, opts: _Options):
-    """The jitted generation function for one model structure and option set (jit caches shapes)."""
-    return jax.jit(functools.partial(_generate_impl, graphdef, opts))
+def _compiled_generate(opts: _Options, mesh):
+    """The jitted generation function for one option set and mesh.
+
+    The model goes in as a pytree argument (NNX modules are pytrees): ``jit`` keys its cache on the
+    model's structure and the shapes, and flattening a module costs far less than ``nnx.split``.
+    """
+    return jax.jit(functools.partial(_generate_impl, opts, mesh))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -277,6 +311,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int = 0,
     cache_dtype=None,
+    mesh: Mesh | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for each prompt.
 
@@ -298,8 +333,13 @@ def generate(
       eos_token_id: an int, a sequence of ints (any of them ends a row), or None (always T tokens).
       pad_token_id: filler token written after EOS.
       cache_dtype: KV-cache dtype; default the model's parameter dtype.
+      mesh: a ``jax.sharding.Mesh`` to split the prompts over (all of its axes; B must be a multiple
+        of its size). Each device prefills and decodes its own prompts' rows with no communication
+        and stops when its own rows are done; the results are the same as on one device (the
+        random draws belong to rows, not devices). Default: the mesh of ``prompt_ids`` when it is
+        a ``jax.Array`` sharded over several devices by a ``NamedSharding``, else one device.
     Returns:
-      A ``Rollout`` with N = B*K rows (see its docstring for the fields).
+      A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
     temperature = _check_temperature(temperature)
     top_p = _check_top_p(top_p)
@@ -318,21 +358,26 @@ def generate(
         num_eos_slots=max(1, -(-len(eos) // _EOS_SLOTS)) * _EOS_SLOTS,
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
     )
+    # numpy, not jnp: jit takes them as arguments without an eager device op each.
     params = _Sampling(
-        temperature=jnp.float32(temperature if temperature > 0 else 1.0),
-        top_p=jnp.float32(top_p),
-        eos_token_ids=jnp.array(eos + (-1,) * (opts.num_eos_slots - len(eos)), jnp.int32),
-        pad_token_id=jnp.int32(pad_token_id),
+        temperature=np.float32(temperature if temperature > 0 else 1.0),
+        top_p=np.float32(top_p),
+        eos_token_ids=np.array(eos + (-1,) * (opts.num_eos_slots - len(eos)), np.int32),
+        pad_token_id=np.int32(pad_token_id),
     )
+    mesh = _sampling_mesh(mesh, prompt_ids)
     prompt_ids, prompt_mask = _check_prompts(prompt_ids, prompt_mask)
+    if mesh is not None and prompt_ids.shape[0] % mesh.size:
+        raise ValueError(
+            f"prompt_ids: got {prompt_ids.shape[0]} prompts, expected a multiple of the {mesh.size} devices "
+            "of the mesh they are split over"
+        )
     rng = _check_rng(rng)
-    graphdef, state = nnx.split(model)
-    rollout = _compiled_generate(graphdef, opts)(state, prompt_ids, prompt_mask, rng, params)
+    rollout = _compiled_generate(opts, mesh)(model, prompt_ids, prompt_mask, rng, params)
     return rollout.replace(temperature=temperature)
 
 
-def _sequence_logprobs_impl(graphdef, chunk_size, state, temperature, prompt_ids, prompt_mask, tokens, mask):
-    model = nnx.merge(graphdef, state)
+def _sequence_logprobs_impl(chunk_size, model, temperature, prompt_ids, prompt_mask, tokens, mask):
     prompt_len, steps = prompt_ids.shape[1], tokens.shape[1]
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     attention = jnp.concatenate([prompt_mask, mask], axis=1)
@@ -344,8 +389,8 @@ def _sequence_logprobs_impl(graphdef, chunk_size, state, temperature, prompt_ids
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_sequence_logprobs(graphdef, chunk_size):
-    return jax.jit(functools.partial(_sequence_logprobs_impl, graphdef, chunk_size))
+def _compiled_sequence_logprobs(chunk_size):
+    return jax.jit(functools.partial(_sequence_logprobs_impl, chunk_size))
 
 
 def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = None, chunk_size: int | None = None):
@@ -370,9 +415,8 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = No
         raise ValueError(f"temperature: got {temperature!r}, expected a positive float")
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size, minimum=1)
-    graphdef, state = nnx.split(model)
-    fn = _compiled_sequence_logprobs(graphdef, chunk_size)
-    return fn(state, jnp.float32(temperature), rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+    fn = _compiled_sequence_logprobs(chunk_size)
+    return fn(model, np.float32(temperature), rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -437,7 +481,22 @@ def _check_prompts(prompt_ids, prompt_mask) -> tuple[jax.Array, jax.Array]:
                 f"prompt_mask: rows {rows} end with padding; expected LEFT-padded prompts "
                 "(every row's last token real)"
             )
-    return jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if not isinstance(prompt_ids, jax.Array):  # lists, numpy: to numpy (jit casts to int32 inside)
+        prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    elif not isinstance(prompt_mask, jax.Array):
+        prompt_mask = np.asarray(prompt_mask)
+    return prompt_ids, prompt_mask
+
+
+def _sampling_mesh(mesh, prompt_ids) -> Mesh | None:
+    """The mesh to split rows over (None: one device, plain ``jit``)."""
+    if mesh is None:
+        sharding = getattr(prompt_ids, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and not sharding.is_fully_replicated:
+            mesh = sharding.mesh
+    elif not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh: got {type(mesh).__name__}, expected a jax.sharding.Mesh or None")
+    return None if mesh is None or mesh.size == 1 else mesh
 
 
 def _check_rng(rng) -> jax.Array:
