@@ -11,6 +11,7 @@ from flax import nnx
 from safetensors.flax import load_file, save_file
 
 from jaxrl_llm import models
+from jaxrl_llm.models import layers
 from tests.models.conftest import build_hf_model, forward, forward_cached, hf_logits, left_padded_batch, max_real_diff
 
 
@@ -116,3 +117,26 @@ def test_errors_name_the_argument(llama_dir, tmp_path):
         model(jnp.ones((4,), jnp.int32))
     with pytest.raises(ValueError, match="cache"):
         model(jnp.ones((3, 4), jnp.int32), cache=models.init_cache(model, 2, 8))
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        dict(rope_type="default", rope_theta=10000.0),
+        dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32),
+        dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+    ],
+)
+def test_rope_table_equals_direct_cos_sin(rope_parameters):
+    """cos/sin gathered from the host table (positions with a static bound) equal the direct computation."""
+    spec = layers.rope_spec(rope_parameters, head_dim=32, max_position_embeddings=128)
+    positions = jnp.asarray(np.random.RandomState(0).randint(0, 100, (3, 7)), jnp.int32)
+    direct = layers.rope_cos_sin(positions, spec, jnp.float32)
+    table = layers.rope_cos_sin(positions, spec, jnp.float32, max_position=100)
+    for a, b in zip(direct, table):
+        assert a.shape == b.shape == (3, 7, 1, spec.rotary_dim)
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    x = jnp.asarray(np.random.RandomState(1).normal(size=(3, 7, 2, 32)), jnp.float32)
+    np.testing.assert_allclose(
+        layers.apply_rope(x, positions, spec, max_position=100), layers.apply_rope(x, positions, spec), atol=2e-6
+    )

@@ -4,6 +4,8 @@ Each case: a tiny random transformers model saved to disk, loaded by ``models.fr
 logits on a LEFT-padded batch, KV-cache decoding, ``save_pretrained`` round trip, bfloat16.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,39 @@ def test_bfloat16_parameters_run_close_to_float32(case, diff_report):
     assert diff < 0.05 * max(1.0, np.abs(ref).max()), diff
     log_probs = jax.nn.log_softmax(got, axis=-1)
     assert log_probs.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(log_probs)))
+
+
+def test_prompt_prefill_fresh_cache_last_position_matches_full_prefill(case):
+    """``fresh_cache`` + ``last_position_only`` (the sampler's prefill) leaves the same cache as a plain
+    cached prefill, returns the last column's hidden state, and decodes to the same logits."""
+    name, hf, _, ours = case
+    prompt_len = 8
+    ids, mask = left_padded_batch(hf.config.vocab_size, seq=prompt_len + 1, seed=4)
+    mask[:, -1] = 1
+    ids = np.where(mask == 1, np.maximum(ids, 1), 0)
+
+    @functools.partial(nnx.jit, static_argnums=4)
+    def prefill(model, ids, mask, cache, fast):
+        return model.hidden_states(ids, mask, None, cache, fresh_cache=fast, last_position_only=fast)
+
+    @nnx.jit
+    def decode(model, ids, cache):
+        return model(ids, jnp.ones_like(ids), cache=cache)
+
+    prompt, prompt_mask = jnp.asarray(ids[:, :prompt_len]), jnp.asarray(mask[:, :prompt_len])
+    empty = models.init_cache(ours, ids.shape[0], prompt_len + 1)
+    full_hidden, full_cache = prefill(ours, prompt, prompt_mask, empty, False)
+    last_hidden, fast_cache = prefill(ours, prompt, prompt_mask, empty, True)
+    assert last_hidden.shape == (ids.shape[0], 1, full_hidden.shape[-1])
+    np.testing.assert_allclose(last_hidden[:, 0], full_hidden[:, -1], atol=1e-5)
+    valid = np.asarray(full_cache.valid)
+    np.testing.assert_array_equal(np.asarray(fast_cache.valid), valid)
+    assert int(fast_cache.index) == int(full_cache.index) == prompt_len
+    for a, b in zip(full_cache.k + full_cache.v, fast_cache.k + fast_cache.v):
+        slots = valid[:, None, :]  # [B, 1, L]: only real tokens' keys/values are ever read
+        np.testing.assert_allclose(np.where(slots[..., None], a, 0), np.where(slots[..., None], b, 0), atol=1e-5)
+    step = jnp.asarray(ids[:, prompt_len:])
+    logits_full, _ = decode(ours, step, full_cache)
+    logits_fast, _ = decode(ours, step, fast_cache)
+    np.testing.assert_allclose(logits_fast, logits_full, atol=1e-5)
+    assert max_real_diff(logits_fast, hf_logits(hf, ids, mask)[:, -1:], mask[:, -1:]) < F32_TOL

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxrl_llm.rollout import Rollout, filter_logits, generate, sequence_logprobs
 from jaxrl_llm.rollout import sampler
@@ -253,6 +254,46 @@ def test_rollout_is_a_pytree_that_jit_passes_through(tiny_llama, prompts):
     out = generate(model, *prompts, max_new_tokens=T, rng=jax.random.key(0), temperature=0.0, eos_token_id=None)
     again = jax.jit(lambda r: r)(out)
     assert isinstance(again, Rollout) and again.temperature == 0.0 and len(jax.tree.leaves(again)) == 5
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def mesh_of(num_devices):
+    return jax.make_mesh((num_devices,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_split_over_a_mesh_equals_one_device(tiny_llama, prompts, num_devices):
+    """Each device samples its own prompts' rows; the random draws belong to rows, so the rollout
+    is the one a single device gives, and comes back split over the mesh by rows."""
+    _, model = tiny_llama
+    ids, mask = (np.tile(x, (4, 1)) for x in prompts)  # 12 prompts: 3 different padding widths, 4 times
+    kwargs = dict(max_new_tokens=T, rng=jax.random.key(5), num_samples=2, temperature=0.9, eos_token_id=[3, 17])
+    one = generate(model, ids, mask, **kwargs)
+    mesh = mesh_of(num_devices)
+    split = generate(model, ids, mask, mesh=mesh, **kwargs)
+    assert 0 < int(np.asarray(one.mask).sum()) < one.mask.size, "some rows should stop at EOS"
+    np.testing.assert_array_equal(split.tokens, one.tokens)
+    np.testing.assert_array_equal(split.mask, one.mask)
+    np.testing.assert_allclose(split.logprobs, one.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(split.prompt_ids, one.prompt_ids)
+    assert split.tokens.sharding.mesh == mesh and not split.tokens.sharding.is_fully_replicated
+    # Prompts already split over a mesh: the sampler follows their sharding.
+    sharded = jax.device_put((ids, mask), NamedSharding(mesh, P("batch")))
+    follow = generate(model, *sharded, **kwargs)
+    np.testing.assert_array_equal(follow.tokens, one.tokens)
+    assert follow.tokens.sharding.mesh == mesh
+
+
+def test_mesh_errors_name_the_argument(tiny_llama, prompts):
+    _, model = tiny_llama
+    ids, mask = prompts  # 3 prompts
+    kwargs = dict(max_new_tokens=2, rng=jax.random.key(0), eos_token_id=None)
+    with pytest.raises(ValueError, match="prompt_ids: got 3 prompts, expected a multiple of the 2 devices"):
+        generate(model, ids, mask, mesh=mesh_of(2), **kwargs)
+    with pytest.raises(ValueError, match="mesh: got list"):
+        generate(model, ids, mask, mesh=jax.devices()[:2], **kwargs)
 
 
 # ----------------------------------------------------------------------------- errors
