@@ -5,6 +5,14 @@ encoded once into a ``KVCache``, then a ``lax.while_loop`` samples one token per
 until every row has emitted an EOS token or ``max_new_tokens`` is reached. The cache lives in the
 loop carry, so XLA updates it in place (no per-token copy, no host round-trip per token).
 
+Rows never interact, so with a ``mesh`` the prompts are split over its devices under
+``shard_map``: each device prefills and decodes its own rows with no communication and leaves the
+loop when its own rows are done. The random numbers are drawn for all (step, row) pairs before
+the loop, so a rollout does not depend on how many devices sampled it. On a multi-core CPU, one
+JAX CPU device per core (``jax.config.update("jax_num_cpu_devices", n)`` before JAX starts) with
+the prompts split over them is the fastest set-up for small models: each core then runs its own
+rows' small matmuls instead of XLA splitting each small matmul over threads.
+
 What comes back is a ``Rollout``, the arrays the objectives consume (``[N, T]`` per-token arrays,
 prompt-major groups of K samples, see ARCHITECTURE.md) plus the temperature the logprobs belong to:
 recomputing training/reference logprobs at a different temperature than the one used for
