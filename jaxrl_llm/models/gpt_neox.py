@@ -28,16 +28,9 @@ class GPTNeoXAttention(nnx.Module):
         batch, seq, _ = x.shape
         qkv = self.query_key_value(x).reshape(batch, seq, self.num_heads, 3 * self.head_dim)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        q, q_ctx = layers.queries_of(q, ctx, last_only)
-        q = layers.apply_rope(q, q_ctx.positions, self.rope, max_position=ctx.max_position)
-        k = layers.apply_rope(k, ctx.positions, self.rope, max_position=ctx.max_position)
-        k, v = layers.heads_major(k), layers.heads_major(v)
-        if kv is not None:
-            kv = layers.update_layer_cache(*kv, k, v, ctx.cache_index)
-            if ctx.attend_cache:
-                k, v = kv
-        out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_ctx, scale=self.head_dim**-0.5)
-        return self.dense(out.reshape(batch, q.shape[1], -1)), kv
+        out, kv = layers.rotary_attention(q, k, v, ctx, kv, rope=self.rope, last_only=last_only,
+                                          scale=self.head_dim**-0.5)
+        return self.dense(out.reshape(batch, out.shape[1], -1)), kv
 
 
 class GPTNeoXMLP(nnx.Module):

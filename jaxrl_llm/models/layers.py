@@ -471,7 +471,7 @@ class Attention(nnx.Module):
         """x [B, S, D] -> ([B, S', D], updated (k_cache, v_cache) or None).
 
         S' = S, or 1 with ``last_only``: every position's keys and values are computed (and cached)
-        but only the last position queries (``queries_of``).
+        but only the last position queries (``rotary_attention``).
         """
         batch, seq, _ = x.shape
         q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
@@ -480,26 +480,30 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, q_ctx = queries_of(q, ctx, last_only)
-        q = apply_rope(q, q_ctx.positions, self.rope, max_position=ctx.max_position)
-        k = apply_rope(k, ctx.positions, self.rope, max_position=ctx.max_position)
-        k, v = heads_major(k), heads_major(v)
-        if kv is not None:
-            kv = update_layer_cache(*kv, k, v, ctx.cache_index)
-            if ctx.attend_cache:
-                k, v = kv
-        out = dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), q_ctx,
+        out, kv = rotary_attention(
+            q, k, v, ctx, kv, rope=self.rope, last_only=last_only,
             scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
         )
-        return self.o_proj(out.reshape(batch, q.shape[1], self.num_heads * self.head_dim)), kv
+        return self.o_proj(out.reshape(batch, out.shape[1], self.num_heads * self.head_dim)), kv
 
 
-def queries_of(q: jax.Array, ctx: Context, last_only: bool) -> tuple[jax.Array, Context]:
-    """The queries [B, S', H, Dh] that attend and the ``Context`` they attend with: all S, or only the last."""
-    if not last_only:
-        return q, ctx
-    return q[:, -1:], ctx._replace(q_slot=ctx.q_slot[-1:], positions=ctx.positions[:, -1:])
+def rotary_attention(q, k, v, ctx: Context, kv, *, rope: RopeSpec, last_only: bool = False, **attention_options):
+    """RoPE on q [B, S, H, Dh] and k, v [B, S, K, Dh], write k/v to the layer's cache, attend.
+
+    With ``last_only`` only the last position queries (every position's keys and values are still
+    computed and cached). Returns (out [B, S or 1, H, Dh], updated (k_cache, v_cache) or None).
+    """
+    q_ctx = ctx
+    if last_only:
+        q, q_ctx = q[:, -1:], ctx._replace(q_slot=ctx.q_slot[-1:], positions=ctx.positions[:, -1:])
+    q = apply_rope(q, q_ctx.positions, rope, max_position=ctx.max_position)
+    k = heads_major(apply_rope(k, ctx.positions, rope, max_position=ctx.max_position))
+    v = heads_major(v)
+    if kv is not None:
+        kv = update_layer_cache(*kv, k, v, ctx.cache_index)
+        if ctx.attend_cache:
+            k, v = kv
+    return dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_ctx, **attention_options), kv
 
 
 def run_layers(decoder_layers, x: jax.Array, ctx: Context, kv, *, last_only: bool = False):
