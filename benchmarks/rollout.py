@@ -17,6 +17,10 @@ Method: every side is warmed up (the first call, which compiles, is reported sep
 threads go idle) and runs three times back to back, and the last two runs are timed (the first
 re-warms its own thread pools). The median is reported.
 
+On the CPU the script then measures a floor for our fastest set-up per model: the time its matmuls
+alone take at the rates XLA reaches on their shapes on this machine (``matmul_floor``), and so the
+largest ratio to transformers any sampler with those matmuls could reach.
+
     python benchmarks/rollout.py [--device cpu|gpu] [--cpu-devices N] [--sizes tiny,small] [--out FILE]
 """
 
@@ -140,8 +144,10 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
         return out
 
     sides = {f"jaxrl_llm, 1 {jax.default_backend()} device": ours_fn(None)}
+    devices = {f"jaxrl_llm, 1 {jax.default_backend()} device": 1, "transformers generate": 0}
     if split_mesh is not None and batch % split_mesh.size == 0:
         sides[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = ours_fn(split_mesh)
+        devices[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = split_mesh.size
     sides["transformers generate"] = run_hf
 
     first_call = {}
@@ -172,6 +178,7 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
         median = statistics.median(times[side])
         rows.append(dict(
             model=name, cfg=cfg_kwargs, params=n_params, batch=batch, prompt=prompt_len, new=new, side=side,
+            devices=devices[side],  # 0: transformers
             tps=batch * new / median, best_tps=batch * new / min(times[side]), ms_step=1e3 * median / new,
             ratio=hf_s / median, first_call=first_call[side],
         ))
@@ -181,7 +188,115 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
     return rows
 
 
-def markdown(rows, args, rounds, loads, torch_device) -> str:
+def weight_shapes(cfg_kwargs):
+    """(K, N) of a Llama layer's fused q/k/v, attention output, fused gate/up and down matrices, and the unembedding."""
+    h, f = cfg_kwargs["hidden_size"], cfg_kwargs["intermediate_size"]
+    heads, kv_heads = cfg_kwargs["num_attention_heads"], cfg_kwargs["num_key_value_heads"]
+    head_dim = h // heads
+    return ((h, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, h), (h, 2 * f), (f, h),
+            (h, cfg_kwargs["vocab_size"]))
+
+
+def sampler_matmuls(cfg_kwargs, rows, prompt_len, new):
+    """[(M, K, N, count)]: every matmul one device runs in one ``generate`` call of our sampler.
+
+    Prefill: the B*P prompt tokens through every layer, except that the last layer's attention
+    output and MLP run at the last position only, then the unembedding of B rows. Decode: new - 1
+    steps (the last token is never fed back) of B rows through every layer and the unembedding.
+    q/k/v and gate/up are single fused matmuls, as in ``jaxrl_llm.models.layers.fused_linear``.
+    """
+    qkv, attn_out, gate_up, down, unembed = weight_shapes(cfg_kwargs)
+    layers = cfg_kwargs["num_hidden_layers"]
+    tokens, steps = rows * prompt_len, new - 1
+    counts = {}
+
+    def add(m, kn, count):
+        counts[(m, *kn)] = counts.get((m, *kn), 0) + count
+
+    add(tokens, qkv, layers)
+    for kn in (attn_out, gate_up, down):
+        add(tokens, kn, layers - 1)
+        add(rows, kn, 1 + steps * layers)
+    add(rows, qkv, steps * layers)
+    add(rows, unembed, 1 + steps)
+    return [(*shape, count) for shape, count in counts.items()]
+
+
+def matmul_rates(shapes, mesh, weight_bytes, dots=192):
+    """GFLOP/s per device of XLA's float32 [M, K] x [K, N] on every device of ``mesh`` at once.
+
+    Each device multiplies by a cycle of distinct weight matrices as large in total as the model
+    (so they come from the cache level they come from in a real decode step, not from L1/L2),
+    unrolled in the loop body so no weight is sliced or copied; each product feeds the next one,
+    so nothing is hoisted.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rates = {}
+    for m, k, n in shapes:
+        copies = max(1, min(64, weight_bytes // (4 * k * n)))
+        rounds = max(1, dots // copies)
+        x = jax.device_put(np.ones((m * mesh.size, k), np.float32), NamedSharding(mesh, P(mesh.axis_names)))
+        weights = jax.device_put(
+            [np.random.RandomState(i).randn(k, n).astype(np.float32) * 0.01 for i in range(copies)],
+            NamedSharding(mesh, P()),
+        )
+
+        def loop(x, weights):
+            def body(_, x):
+                for w in weights:
+                    x = x + 1e-9 * jnp.dot(x, w)[:, :1]
+                return x
+            return jax.lax.fori_loop(0, rounds, body, x)
+
+        run = jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=(P(mesh.axis_names), P()),
+                                    out_specs=P(mesh.axis_names), check_vma=False))
+        jax.block_until_ready(run(x, weights))
+        best = min(_timed(lambda: jax.block_until_ready(run(x, weights))) for _ in range(7))
+        rates[(m, k, n)] = 2 * m * k * n * rounds * copies / best / 1e9
+    return rates
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_floor(name, rows_by_side, split_mesh):
+    """Per call, the time one device of our fastest CPU set-up spends in the sampler's matmuls alone.
+
+    The matmuls are timed at the rates XLA reaches on their shapes (``matmul_rates``) on that set-up's
+    devices. Returns a dict with the floor in ms, the GFLOP per device, and the best ratio to
+    transformers that any sampler running these matmuls at these rates could reach if nothing else
+    took any time.
+    """
+    import jax
+    from jax.sharding import AxisType
+
+    cfg_kwargs, batch, prompt_len, new = SIZES[name]
+    by_side = {r["side"]: r for r in rows_by_side if r["model"] == name}
+    ours = max((r for r in by_side.values() if r["devices"]), key=lambda r: r["tps"])
+    mesh = split_mesh if ours["devices"] > 1 else jax.make_mesh(
+        (1,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    rows = batch // mesh.size
+    matmuls = sampler_matmuls(cfg_kwargs, rows, prompt_len, new)
+    *per_layer, unembed = weight_shapes(cfg_kwargs)
+    weight_bytes = 4 * (cfg_kwargs["num_hidden_layers"] * sum(k * n for k, n in per_layer) + unembed[0] * unembed[1])
+    rates = matmul_rates([(m, k, n) for m, k, n, _ in matmuls], mesh, weight_bytes)
+    floor_s = sum(2 * m * k * n * c / (rates[(m, k, n)] * 1e9) for m, k, n, c in matmuls)
+    hf_s = batch * new / by_side["transformers generate"]["tps"]
+    return dict(
+        model=name, side=ours["side"], rows=rows, gflop=sum(2 * m * k * n * c for m, k, n, c in matmuls) / 1e9,
+        floor_ms=1e3 * floor_s, ours_ms=1e3 * batch * new / ours["tps"], hf_ms=1e3 * hf_s, max_ratio=hf_s / floor_s,
+        rates={f"{m}x{k}x{n}": round(r) for (m, k, n), r in rates.items()},
+    )
+
+
+def markdown(rows, floors, args, rounds, loads, torch_device) -> str:
     import jax
     import torch
     import transformers
@@ -219,6 +334,27 @@ def markdown(rows, args, rounds, loads, torch_device) -> str:
             f"{r['tps']:,.0f} | {r['best_tps']:,.0f} | {r['ms_step']:.2f} | **{r['ratio']:.2f}x** | "
             f"{r['first_call']:.1f} |"
         )
+    if floors:
+        lines += [
+            "",
+            "Matmul floor of our fastest set-up per model: the float32 matmuls one of its devices runs "
+            "per call (prefill and every decode step, as the sampler schedules them), each timed at the "
+            "rate XLA reaches on that shape with every device of the set-up busy and a model's worth of "
+            "distinct weights cycled (so they come from the cache level a real step reads them from). "
+            "'max ratio' = transformers' median time / the floor: the most any sampler could reach with "
+            "these matmuls at these rates if nothing else (attention, norms, sampling, dispatch) took "
+            "any time.",
+            "",
+            "| model | set-up (rows per device) | GFLOP per device | matmul floor (ms) | ours (ms) | "
+            "transformers (ms) | max ratio | GFLOP/s per device, M x K x N |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for f in floors:
+            rates = ", ".join(f"{shape}: {rate}" for shape, rate in f["rates"].items())
+            lines.append(
+                f"| {f['model']} | {f['side']} ({f['rows']}) | {f['gflop']:.2f} | {f['floor_ms']:.1f} | {f['ours_ms']:.1f} | "
+                f"{f['hf_ms']:.1f} | **{f['max_ratio']:.2f}x** | {rates} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +380,13 @@ def main():
     rows = []
     for name in args.sizes.split(","):
         rows += bench_size(name, args, rounds, torch_device, split_mesh)
+    floors = []
+    if args.device == "cpu":
+        for name in args.sizes.split(","):
+            floors.append(matmul_floor(name, rows, split_mesh))
+            print(f"{name:5s} matmul floor {floors[-1]}", flush=True)
     loads.append(load_average())
-    text = markdown(rows, args, rounds, loads, torch_device)
+    text = markdown(rows, floors, args, rounds, loads, torch_device)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
