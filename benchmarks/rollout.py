@@ -143,12 +143,13 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
             torch.cuda.synchronize()
         return out
 
-    sides = {f"jaxrl_llm, 1 {jax.default_backend()} device": ours_fn(None)}
-    devices = {f"jaxrl_llm, 1 {jax.default_backend()} device": 1, "transformers generate": 0}
+    meshes = {f"jaxrl_llm, 1 {jax.default_backend()} device": None}
     if split_mesh is not None and batch % split_mesh.size == 0:
-        sides[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = ours_fn(split_mesh)
-        devices[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = split_mesh.size
+        meshes[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = split_mesh
+    sides = {side: ours_fn(mesh) for side, mesh in meshes.items()}
     sides["transformers generate"] = run_hf
+    devices = {side: 1 if mesh is None else mesh.size for side, mesh in meshes.items()}
+    devices["transformers generate"] = 0
 
     first_call = {}
     for side, fn in sides.items():

@@ -345,27 +345,25 @@ def make_context(
     mask = attention_mask.astype(bool)
     if positions is not None and positions.shape != (batch, seq):
         raise ValueError(f"positions: got shape {positions.shape}, expected {(batch, seq)} like input_ids")
+    if cache is not None:
+        if cache.valid.shape[0] != batch:
+            raise ValueError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
+        if seq > cache.max_length:
+            raise ValueError(f"input_ids: {seq} tokens do not fit a cache of max_length {cache.max_length}")
     # Default positions count real tokens, so they stay below the number of slots: a static bound.
     bound = None if positions is not None else (seq if cache is None or fresh_cache else cache.max_length)
-    if cache is None:
+    valid = None if cache is None else jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+    if cache is None or fresh_cache:  # the new tokens attend only to each other
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        return Context(jnp.arange(seq), mask, positions.astype(jnp.int32), None, max_position=bound), None
-    if cache.valid.shape[0] != batch:
-        raise ValueError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
-    if seq > cache.max_length:
-        raise ValueError(f"input_ids: {seq} tokens do not fit a cache of max_length {cache.max_length}")
-    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-    if fresh_cache:
+        index = None if cache is None else cache.index
+        ctx = Context(jnp.arange(seq), mask, positions.astype(jnp.int32), index, False, bound)
+    else:
         if positions is None:
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        ctx = Context(jnp.arange(seq), mask, positions.astype(jnp.int32), cache.index, False, bound)
-        return ctx, cache._replace(valid=valid, index=cache.index + seq)
-    if positions is None:
-        all_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        positions = jax.lax.dynamic_slice(all_positions, (0, cache.index), (batch, seq))
-    ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index, True, bound)
-    return ctx, cache._replace(valid=valid, index=cache.index + seq)
+            all_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            positions = jax.lax.dynamic_slice(all_positions, (0, cache.index), (batch, seq))
+        ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index, True, bound)
+    return ctx, (None if cache is None else cache._replace(valid=valid, index=cache.index + seq))
 
 
 def heads_major(x: jax.Array) -> jax.Array:
