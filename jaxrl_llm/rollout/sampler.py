@@ -349,6 +349,43 @@ def generate(
     Returns:
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
+    fn, args, temperature = _prepare_generate(
+        model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, rng=rng, num_samples=num_samples,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, cache_dtype=cache_dtype, mesh=mesh,
+    )
+    return fn(*args).replace(temperature=temperature)
+
+
+def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowered:
+    """The XLA program ``generate`` runs for these arguments, lowered but not run.
+
+    Takes exactly ``generate``'s arguments (``options``: its keyword arguments) and checks them the
+    same way. Use it to read the program (``.as_text()``, or ``.compile().as_text()`` for the
+    optimised HLO), for XLA's cost or memory analysis, or to map the op names in a profile back to
+    their shapes (``benchmarks/rollout.py`` does).
+    """
+    fn, args, _ = _prepare_generate(model, prompt_ids, prompt_mask, **options)
+    return fn.lower(*args)
+
+
+def _prepare_generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int = 0,
+    cache_dtype=None,
+    mesh: Mesh | None = None,
+):
+    """Check ``generate``'s arguments: (the jitted function, its arguments, the temperature)."""
     temperature = _check_temperature(temperature)
     top_p = _check_top_p(top_p)
     eos = _check_eos(eos_token_id)
@@ -381,8 +418,7 @@ def generate(
             "of the mesh they are split over"
         )
     rng = _check_rng(rng)
-    rollout = _compiled_generate(opts, mesh)(model, prompt_ids, prompt_mask, rng, params)
-    return rollout.replace(temperature=temperature)
+    return _compiled_generate(opts, mesh), (model, prompt_ids, prompt_mask, rng, params), temperature
 
 
 def _sequence_logprobs_impl(chunk_size, model, temperature, prompt_ids, prompt_mask, tokens, mask):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxrl_llm.rollout import Rollout, filter_logits, generate, sequence_logprobs
+from jaxrl_llm.rollout import Rollout, filter_logits, generate, lower_generate, sequence_logprobs
 from jaxrl_llm.rollout import sampler
 
 T = 8
@@ -229,6 +229,22 @@ def test_deterministic_for_a_fixed_rng_and_compiled_once(tiny_llama, prompts):
     np.testing.assert_array_equal(a.tokens, d.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
 
+
+def test_lower_generate_is_the_program_generate_runs(tiny_llama, prompts):
+    _, model = tiny_llama
+    ids, mask = prompts
+    kwargs = dict(max_new_tokens=T, num_samples=2, temperature=0.8, eos_token_id=[1, 2], rng=jax.random.key(3))
+    lowered = lower_generate(model, ids, mask, **kwargs)
+    traces = sampler._TRACE_COUNT
+    rollout = generate(model, ids, mask, **kwargs)
+    assert sampler._TRACE_COUNT == traces, "generate must reuse the trace lower_generate made"
+    compiled = lowered.compile()
+    assert " while(" in compiled.as_text(), "prefill + decode loop in one program"
+    with pytest.raises(ValueError, match="max_new_tokens: got 0"):
+        lower_generate(model, ids, mask, **{**kwargs, "max_new_tokens": 0})
+    with pytest.raises(TypeError, match="top_q"):
+        lower_generate(model, ids, mask, top_q=0.5, **kwargs)
+    assert rollout.tokens.shape == (6, T)
 
 def test_samples_are_laid_out_prompt_major(tiny_llama, prompts):
     _, model = tiny_llama
