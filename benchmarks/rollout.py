@@ -27,8 +27,10 @@ largest ratio to transformers any sampler with those matmuls could reach.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -112,7 +114,7 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxrl_llm.rollout import generate
+    from jaxrl_llm.rollout import generate, lower_generate
 
     cfg_kwargs, batch, prompt_len, new = SIZES[name]
     hf, ours, config = build_models(cfg_kwargs, torch_device)
@@ -132,6 +134,7 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
             out = generate(model, ids, mask, max_new_tokens=new, rng=jax.random.key(seed), temperature=1.0,
                            eos_token_id=None, mesh=mesh)
             return jax.block_until_ready(out)
+        run.model = model
         return run
 
     def run_hf(seed):
@@ -173,6 +176,14 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
                 sides[side](2000 + r * TIMED_PER_ROUND + i)
                 times[side].append(time.perf_counter() - start)
 
+    breakdown = None
+    if torch_device == "cpu":
+        fastest = min(meshes, key=lambda side: statistics.median(times[side]))
+        lowered = lower_generate(sides[fastest].model, ids, mask, max_new_tokens=new, rng=jax.random.key(0),
+                                 temperature=1.0, eos_token_id=None, mesh=meshes[fastest])
+        breakdown = dict(model=name, side=fastest, **op_time_breakdown(sides[fastest], lowered, devices[fastest]))
+        print(f"{name:5s} time by op kind {breakdown}", flush=True)
+
     hf_s = statistics.median(times["transformers generate"])
     rows = []
     for side in sides:
@@ -186,7 +197,102 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
         print(f"{name:5s} {side:45s} {rows[-1]['tps']:9,.0f} tok/s  {rows[-1]['ms_step']:6.2f} ms/step  "
               f"{rows[-1]['ratio']:5.2f}x transformers  runs {[round(1e3 * t, 1) for t in times[side]]} ms",
               flush=True)
-    return rows
+    return rows, breakdown
+
+
+# Op kinds of the time breakdown, in table order.
+OP_KINDS = ("weight matmuls", "attention products", "other ops")
+_NOT_TIMED = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call"}
+
+
+def op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (kind, description) for every op of an optimised HLO module that XLA runs.
+
+    A matmul is a ``dot`` or a fusion around one: with batch dimensions it is attention's q.k or
+    p.v product (batched over rows and heads), without them a product with a weight matrix. Control
+    flow (while, conditional, call) is left out: its time is the time of the ops inside it.
+    """
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            current = bodies.setdefault(header.group(1), [])
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+    kinds = {}
+    for lines in bodies.values():
+        for line in lines:
+            op = re.match(r"^\s+(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(", line)
+            if not op or op.group(3) in _NOT_TIMED:
+                continue
+            name, shape, opcode = op.groups()
+            called = re.search(r"calls=%([^,\s]+)", line) if opcode == "fusion" else None
+            fused = bodies.get(called.group(1), []) if called else []
+            dot = next((x for x in [line, *fused] if " dot(" in x), None)
+            if dot:
+                kind = "attention products" if "lhs_batch_dims" in dot else "weight matmuls"
+                kinds[name] = (kind, "dot -> " + _no_layout(re.search(r"= (\S+) dot\(", dot).group(1)))
+            else:
+                root = re.search(r"= \S+ ([\w-]+)\(", next((x for x in fused if "ROOT" in x), ""))
+                kinds[name] = ("other ops", f"{root.group(1) if root else opcode} -> {_no_layout(shape)}")
+    return kinds
+
+
+def _no_layout(shape: str) -> str:
+    return re.sub(r"\{[^}]*\}", "", shape)
+
+
+def op_time_breakdown(run, lowered, devices: int, calls: int = 5, top_ops: int = 8) -> dict:
+    """Where one ``generate`` call's time goes, from a JAX profile of ``calls`` calls of ``run``.
+
+    Every op XLA:CPU runs is a profiler event named after its HLO instruction; ``op_kinds`` sorts
+    them into weight matmuls, attention products and other ops. Times are per call and per device:
+    the summed event time divided by calls x devices (one device may run independent ops at once on
+    its threads, so the kinds can add up to more than the time it was busy). 'outside_ms' is the wall
+    time during which a device ran no op at all (dispatch, XLA's executor between ops, waiting),
+    averaged over the devices; the profiler itself adds a little to every op.
+    """
+    import jax
+
+    kinds = op_kinds(lowered.compile().as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        run(2999)
+        jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
+        for i in range(calls):
+            run(3000 + i)
+        wall = (time.perf_counter() - start) / calls
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        profile = jax.profiler.ProfileData.from_file(path)
+    per_op, spans = {}, {}
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in kinds:
+                    per_op[event.name] = per_op.get(event.name, 0.0) + event.duration_ns
+                    device = dict(event.stats).get("device_ordinal", 0)
+                    spans.setdefault(device, []).append((event.start_ns, event.start_ns + event.duration_ns))
+    scale = 1e-6 / (calls * devices)  # ns summed over calls and devices -> ms per call per device
+    by_kind = dict.fromkeys(OP_KINDS, 0.0)
+    for name, ns in per_op.items():
+        by_kind[kinds[name][0]] += ns * scale
+    busy_ns = sum(_covered(intervals) for intervals in spans.values())
+    # The matmuls are what they are (see the matmul floor); list the costliest of everything else.
+    top = sorted((n for n in per_op if kinds[n][0] != "weight matmuls"), key=per_op.get, reverse=True)[:top_ops]
+    return dict(
+        wall_ms=1e3 * wall, by_kind=by_kind, outside_ms=1e3 * wall - busy_ns * scale,
+        top=[(name, *kinds[name], per_op[name] * scale) for name in top],
+    )
+
+
+def _covered(intervals) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
 
 
 def weight_shapes(cfg_kwargs):
@@ -297,7 +403,7 @@ def matmul_floor(name, rows_by_side, split_mesh):
     )
 
 
-def markdown(rows, floors, args, rounds, loads, torch_device) -> str:
+def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device) -> str:
     import jax
     import torch
     import transformers
@@ -356,6 +462,28 @@ def markdown(rows, floors, args, rounds, loads, torch_device) -> str:
                 f"| {f['model']} | {f['side']} ({f['rows']}) | {f['gflop']:.2f} | {f['floor_ms']:.1f} | {f['ours_ms']:.1f} | "
                 f"{f['hf_ms']:.1f} | **{f['max_ratio']:.2f}x** | {rates} |"
             )
+    if breakdowns:
+        lines += [
+            "",
+            "Where a call of our fastest set-up per model spends its time, from a JAX profile of 5 calls "
+            "(`op_time_breakdown`): every op XLA runs is an event named after its HLO instruction; a dot "
+            "(or a fusion around one) with batch dimensions is attention's q.k or p.v product, one without "
+            "is a weight matmul. ms per call per device, summed over the ops of each kind (a device may "
+            "run independent ops at once on its threads); 'outside ops' is the wall time during which a "
+            "device ran no op (dispatch, XLA's executor between ops, waiting). The profiler adds a "
+            "little to every op.",
+            "",
+            "| model | set-up | wall (ms) | " + " | ".join(f"{k} (ms)" for k in OP_KINDS)
+            + " | outside ops (ms) | costliest ops besides weight matmuls: ms (root op -> result) |",
+            "|---|---|---|" + "---|" * len(OP_KINDS) + "---|---|",
+        ]
+        for b in breakdowns:
+            top = "; ".join(f"{name} {ms:.2f} ({desc})" for name, _, desc, ms in b["top"])
+            lines.append(
+                f"| {b['model']} | {b['side']} | {b['wall_ms']:.1f} | "
+                + " | ".join(f"{b['by_kind'][k]:.1f}" for k in OP_KINDS)
+                + f" | {b['outside_ms']:.1f} | {top} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -378,16 +506,18 @@ def main():
                                    devices=jax.devices("cpu")[:split])
     rounds = args.repeats or (2 if args.quick else 7)
     loads = [load_average()]
-    rows = []
+    rows, breakdowns = [], []
     for name in args.sizes.split(","):
-        rows += bench_size(name, args, rounds, torch_device, split_mesh)
+        size_rows, breakdown = bench_size(name, args, rounds, torch_device, split_mesh)
+        rows += size_rows
+        breakdowns += [breakdown] if breakdown else []
     floors = []
     if args.device == "cpu":
         for name in args.sizes.split(","):
             floors.append(matmul_floor(name, rows, split_mesh))
             print(f"{name:5s} matmul floor {floors[-1]}", flush=True)
     loads.append(load_average())
-    text = markdown(rows, floors, args, rounds, loads, torch_device)
+    text = markdown(rows, floors, breakdowns, args, rounds, loads, torch_device)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
