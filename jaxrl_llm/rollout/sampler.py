@@ -22,6 +22,8 @@ sampling silently biases the KL and the importance ratios.
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -349,11 +351,7 @@ def generate(
     Returns:
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
-    fn, args, temperature = _prepare_generate(
-        model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, rng=rng, num_samples=num_samples,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, cache_dtype=cache_dtype, mesh=mesh,
-    )
+    fn, args, temperature = _prepare_generate(locals())  # locals(): generate's arguments, by name
     return fn(*args).replace(temperature=temperature)
 
 
@@ -365,43 +363,31 @@ def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowe
     optimised HLO), for XLA's cost or memory analysis, or to map the op names in a profile back to
     their shapes (``benchmarks/rollout.py`` does).
     """
-    fn, args, _ = _prepare_generate(model, prompt_ids, prompt_mask, **options)
+    arguments = inspect.signature(generate).bind(model, prompt_ids, prompt_mask, **options)
+    arguments.apply_defaults()
+    fn, args, _ = _prepare_generate(arguments.arguments)
     return fn.lower(*args)
 
 
-def _prepare_generate(
-    model,
-    prompt_ids,
-    prompt_mask,
-    *,
-    max_new_tokens: int,
-    rng: jax.Array,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None,
-    pad_token_id: int = 0,
-    cache_dtype=None,
-    mesh: Mesh | None = None,
-):
-    """Check ``generate``'s arguments: (the jitted function, its arguments, the temperature)."""
-    temperature = _check_temperature(temperature)
-    top_p = _check_top_p(top_p)
-    eos = _check_eos(eos_token_id)
-    pad_token_id = _check_int("pad_token_id", pad_token_id, minimum=0)
-    vocab = model.unembedding_matrix().shape[-1]
+def _prepare_generate(arguments: dict):
+    """Check ``generate``'s arguments, given by name: (the jitted function, its arguments, the temperature)."""
+    a = types.SimpleNamespace(**arguments)
+    temperature = _check_temperature(a.temperature)
+    top_p = _check_top_p(a.top_p)
+    eos = _check_eos(a.eos_token_id)
+    pad_token_id = _check_int("pad_token_id", a.pad_token_id, minimum=0)
+    vocab = a.model.unembedding_matrix().shape[-1]
     for name, value in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad_token_id)]:
         if value >= vocab:
             raise ValueError(f"{name}: got {value}, expected a token id in [0, {vocab}) for this model's vocabulary")
     opts = _Options(
-        max_new_tokens=_check_int("max_new_tokens", max_new_tokens, minimum=1),
-        num_samples=_check_int("num_samples", num_samples, minimum=1),
+        max_new_tokens=_check_int("max_new_tokens", a.max_new_tokens, minimum=1),
+        num_samples=_check_int("num_samples", a.num_samples, minimum=1),
         greedy=temperature == 0.0,
-        top_k=_check_top_k(top_k),
+        top_k=_check_top_k(a.top_k),
         use_top_p=top_p < 1.0,
         num_eos_slots=max(1, -(-len(eos) // _EOS_SLOTS)) * _EOS_SLOTS,
-        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        cache_dtype=None if a.cache_dtype is None else jnp.dtype(a.cache_dtype).name,
     )
     # numpy, not jnp: jit takes them as arguments without an eager device op each.
     params = _Sampling(
@@ -410,16 +396,15 @@ def _prepare_generate(
         eos_token_ids=np.array(eos + (-1,) * (opts.num_eos_slots - len(eos)), np.int32),
         pad_token_id=np.int32(pad_token_id),
     )
-    mesh = _sampling_mesh(mesh, prompt_ids)
-    prompt_ids, prompt_mask = _check_prompts(prompt_ids, prompt_mask)
+    mesh = _sampling_mesh(a.mesh, a.prompt_ids)
+    prompt_ids, prompt_mask = _check_prompts(a.prompt_ids, a.prompt_mask)
     if mesh is not None and prompt_ids.shape[0] % mesh.size:
         raise ValueError(
             f"prompt_ids: got {prompt_ids.shape[0]} prompts, expected a multiple of the {mesh.size} devices "
             "of the mesh they are split over"
         )
-    rng = _check_rng(rng)
-    return _compiled_generate(opts, mesh), (model, prompt_ids, prompt_mask, rng, params), temperature
-
+    args = (a.model, prompt_ids, prompt_mask, _check_rng(a.rng), params)
+    return _compiled_generate(opts, mesh), args, temperature
 
 def _sequence_logprobs_impl(chunk_size, model, temperature, prompt_ids, prompt_mask, tokens, mask):
     prompt_len, steps = prompt_ids.shape[1], tokens.shape[1]
