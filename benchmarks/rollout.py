@@ -19,7 +19,8 @@ re-warms its own thread pools). The median is reported.
 
 On the CPU the script then measures a floor for our fastest set-up per model: the time its matmuls
 alone take at the rates XLA reaches on their shapes on this machine (``matmul_floor``), and so the
-largest ratio to transformers any sampler with those matmuls could reach.
+largest ratio to transformers any sampler with those matmuls could reach, and where a call's time
+goes, op kind by op kind, from a JAX profile (``op_time_breakdown``).
 
     python benchmarks/rollout.py [--device cpu|gpu] [--cpu-devices N] [--sizes tiny,small] [--out FILE]
 """
@@ -130,11 +131,11 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
             model = jax.tree.map(lambda x: x, ours)
             nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
 
+        options = dict(max_new_tokens=new, temperature=1.0, eos_token_id=None, mesh=mesh)
+
         def run(seed):
-            out = generate(model, ids, mask, max_new_tokens=new, rng=jax.random.key(seed), temperature=1.0,
-                           eos_token_id=None, mesh=mesh)
-            return jax.block_until_ready(out)
-        run.model = model
+            return jax.block_until_ready(generate(model, ids, mask, rng=jax.random.key(seed), **options))
+        run.lower = lambda: lower_generate(model, ids, mask, rng=jax.random.key(0), **options)
         return run
 
     def run_hf(seed):
@@ -179,9 +180,8 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
     breakdown = None
     if torch_device == "cpu":
         fastest = min(meshes, key=lambda side: statistics.median(times[side]))
-        lowered = lower_generate(sides[fastest].model, ids, mask, max_new_tokens=new, rng=jax.random.key(0),
-                                 temperature=1.0, eos_token_id=None, mesh=meshes[fastest])
-        breakdown = dict(model=name, side=fastest, **op_time_breakdown(sides[fastest], lowered, devices[fastest]))
+        run = sides[fastest]
+        breakdown = dict(model=name, side=fastest, **op_time_breakdown(run, run.lower(), devices[fastest]))
         print(f"{name:5s} time by op kind {breakdown}", flush=True)
 
     hf_s = statistics.median(times["transformers generate"])
