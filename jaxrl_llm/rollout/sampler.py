@@ -406,6 +406,7 @@ def _prepare_generate(arguments: dict):
     args = (a.model, prompt_ids, prompt_mask, _check_rng(a.rng), params)
     return _compiled_generate(opts, mesh), args, temperature
 
+
 def _sequence_logprobs_impl(chunk_size, model, temperature, prompt_ids, prompt_mask, tokens, mask):
     prompt_len, steps = prompt_ids.shape[1], tokens.shape[1]
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)

@@ -246,6 +246,7 @@ def test_lower_generate_is_the_program_generate_runs(tiny_llama, prompts):
         lower_generate(model, ids, mask, top_q=0.5, **kwargs)
     assert rollout.tokens.shape == (6, T)
 
+
 def test_samples_are_laid_out_prompt_major(tiny_llama, prompts):
     _, model = tiny_llama
     ids, mask = prompts
