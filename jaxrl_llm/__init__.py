@@ -18,6 +18,7 @@ from jaxrl_llm.objectives import (
     gae,
     grpo_advantages,
     grpo_loss,
+    kept_tokens,
     kl_penalty,
     last_token_mask,
     linear_token_logprobs,

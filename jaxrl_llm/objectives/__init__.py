@@ -24,7 +24,7 @@ from jaxrl_llm.objectives.aggregation import (
     summarize,
 )
 from jaxrl_llm.objectives.kl import KL_KINDS, kl_penalty
-from jaxrl_llm.objectives.logprobs import linear_token_logprobs, token_entropy, token_logprobs
+from jaxrl_llm.objectives.logprobs import kept_tokens, linear_token_logprobs, token_entropy, token_logprobs
 from jaxrl_llm.objectives.losses import (
     best_of_group,
     clipped_surrogate,
@@ -49,6 +49,7 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "grpo_loss",
+    "kept_tokens",
     "kl_penalty",
     "last_token_mask",
     "linear_token_logprobs",

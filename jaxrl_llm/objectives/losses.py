@@ -31,6 +31,7 @@ from jaxrl_llm.objectives.aggregation import Stat, aggregate_loss
 from jaxrl_llm.objectives.kl import kl_penalty
 
 NONFINITE_SCORE_MODES = ("raise", "mask")
+RATIO_LEVELS = ("token", "sequence")
 # Bound on |log pi - log pi_old| before exp: keeps the ratio finite (verl uses 20 too).
 _MAX_ABS_LOG_RATIO = 20.0
 
@@ -80,13 +81,16 @@ def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef,
     loss, loss_stat = aggregate_loss(
         -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, axis_name=axis_name
     )
-    kl = kl_penalty(lax.stop_gradient(logprobs), ref_logprobs, kind=kl_kind)
+    sampling_logprobs = lax.stop_gradient(logprobs)
+    k1 = kl_penalty(sampling_logprobs, ref_logprobs, kind="k1")
     weights = jnp.ones((n,), jnp.float32) if valid is None else valid
     token_weights = keep * weights[:, None]
     aux = {
         "loss/policy": loss_stat,
-        "kl": Stat.of(kl, token_weights, axis_name=axis_name),
-        "kl/sequence": Stat.of(jnp.sum(jnp.where(keep, kl, 0.0), -1), weights, axis_name=axis_name),
+        "kl": Stat.of(k1, token_weights, axis_name=axis_name),
+        "kl/sequence": Stat.of(jnp.sum(jnp.where(keep, k1, 0.0), -1), weights, axis_name=axis_name),
+        "kl/objective": Stat.of(kl_penalty(sampling_logprobs, ref_logprobs, kind=kl_kind), token_weights,
+                                axis_name=axis_name),
         "reward/score": Stat.of(scores, weights, axis_name=axis_name),
         "reward/total": Stat.of(seq_rewards, weights, axis_name=axis_name),
         "advantage": Stat.of(advantages, weights, axis_name=axis_name),
@@ -135,7 +139,9 @@ def reinforce_loss(
         denominators become global).
 
     Returns:
-      `(loss, aux)`; aux keys: loss/policy, kl, kl/sequence, reward/score,
+      `(loss, aux)`; aux keys: loss/policy, kl (the k1 estimate of KL(pi || pi_ref) per
+      completion token, whatever `kl_kind`), kl/sequence (its sum per completion),
+      kl/objective (the `kl_kind` estimator the reward uses, per token), reward/score,
       reward/total, advantage, completion/length, completion/valid.
     """
     return _bandit_loss(
@@ -223,13 +229,56 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, *, clip_eps=0.2, clip_
     return loss, ratio, clipped > unclipped, log_ratio
 
 
-def _ratio_metrics(ratio, clipped, log_ratio, keep, axis_name):
+def _approx_kl(token_log_ratio, keep, axis_name):
+    """k3 estimate of KL(pi_old || pi) per token, on tokens sampled from pi_old: with
+    r = log pi - log pi_old, (e^r - 1) - r is non-negative and unbiased (Schulman 2020)."""
+    return Stat.of(jnp.expm1(token_log_ratio) - token_log_ratio, keep, axis_name=axis_name)
+
+
+def _ratio_metrics(ratio, clipped, weights, token_log_ratio, keep, axis_name):
     return {
-        "clipfrac": Stat.of(clipped.astype(jnp.float32), keep, axis_name=axis_name),
-        # k3 estimate of KL(pi_old || pi): non-negative, unbiased.
-        "approx_kl": Stat.of(jnp.expm1(-log_ratio) + log_ratio, keep, axis_name=axis_name),
-        "ratio": Stat.of(ratio, keep, axis_name=axis_name),
+        "clipfrac": Stat.of(clipped.astype(jnp.float32), weights, axis_name=axis_name),
+        "approx_kl": _approx_kl(token_log_ratio, keep, axis_name),
+        "ratio": Stat.of(ratio, weights, axis_name=axis_name),
     }
+
+
+def _clipped_policy_loss(logprobs, old_logprobs, advantages, keep, *, ratio_level, clip_eps, clip_eps_high,
+                         dual_clip, axis_name):
+    """Per-token clipped surrogate `[N, T]` at the token or the sequence level, and its ratio metrics.
+
+    token:    rho_nt = pi(y_nt) / pi_old(y_nt), one clipped term per token (PPO, GRPO).
+    sequence: rho_n = exp(sum_t log pi(y_nt) - log pi_old(y_nt)), one clipped term l_n per
+              completion (TRL's RLOO: the completion stays one action), spread evenly over
+              its tokens as l_n / |y_n|. Every aggregation mode then weighs a completion as
+              it weighs its tokens, and at rho = 1 the gradient equals the token level's.
+    `logprobs` and `old_logprobs` are masked float32 (`old_logprobs` without gradient);
+    `advantages` `[N]` or `[N, T]` (a constant for the gradient). Returns `(per_token [N, T],
+    token advantages [N, T] masked, metrics)`.
+    """
+    _checks.check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    shape = jnp.shape(logprobs)
+    advantages = lax.stop_gradient(advantages)
+    token_log_ratio = jnp.clip(logprobs - old_logprobs, -_MAX_ABS_LOG_RATIO, _MAX_ABS_LOG_RATIO)
+    if ratio_level == "token":
+        advantages = jnp.where(keep, _token_advantages(advantages, shape), 0.0)
+        per_token, ratio, clipped, log_ratio = clipped_surrogate(
+            logprobs, old_logprobs, advantages, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+        return per_token, advantages, _ratio_metrics(ratio, clipped, keep, log_ratio, keep, axis_name)
+    if jnp.shape(advantages) != shape[:1]:
+        raise ValueError(
+            f"`advantages` must have shape {shape[:1]} (one per completion) for ratio_level='sequence'; "
+            f"got {jnp.shape(advantages)}.")
+    _checks.check_float("advantages", advantages)
+    advantages = _checks.as_float(advantages)
+    length = jnp.sum(keep, axis=-1)
+    per_sequence, ratio, clipped, _ = clipped_surrogate(
+        jnp.sum(logprobs, -1), jnp.sum(old_logprobs, -1), advantages,
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+    per_token = jnp.where(keep, (per_sequence / jnp.maximum(length, 1))[:, None], 0.0)
+    # clipfrac and ratio per completion, where the clipping happens; approx_kl per token.
+    metrics = _ratio_metrics(ratio, clipped, length > 0, token_log_ratio, keep, axis_name)
+    return per_token, jnp.where(keep, advantages[:, None], 0.0), metrics
 
 
 def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="token-mean", axis_name=None):
@@ -282,6 +331,7 @@ def ppo_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    ratio_level: str = "token",
     values=None,
     old_values=None,
     returns=None,
@@ -292,10 +342,13 @@ def ppo_loss(
     aggregation: str = "token-mean",
     axis_name=None,
 ):
-    """PPO: token-level clipped surrogate, optional clipped value loss and entropy bonus.
+    """PPO: clipped surrogate (per token or per completion), optional clipped value loss and entropy bonus.
 
     loss = agg(l_clip) + vf_coef * value_loss - entropy_coef * agg(H), with
-    l_clip from `clipped_surrogate`. Schulman et al. 2017, "Proximal Policy
+    l_clip from `clipped_surrogate` on the per-token ratio (`ratio_level="token"`, PPO)
+    or on one ratio per completion, rho_n = exp(sum_t log pi(y_nt) - log pi_old(y_nt))
+    (`ratio_level="sequence"`, TRL's RLOO: the bandit view of the whole completion as one
+    action, which needs `[N]` advantages). Schulman et al. 2017, "Proximal Policy
     Optimization Algorithms", https://arxiv.org/abs/1707.06347; the RLHF set-up of
     Ouyang et al. 2022 (KL in the reward via `shape_rewards`, advantages via `gae`).
 
@@ -303,9 +356,13 @@ def ppo_loss(
       logprobs: `[N, T]` current policy log-probabilities (with gradient).
       old_logprobs: `[N, T]` log-probabilities at rollout time.
       advantages: `[N, T]`, or `[N]` for a sequence-level advantage (REINFORCE/RLOO
-        with several updates per batch, as TRL does) broadcast over tokens.
+        with several updates per batch), broadcast over tokens at the token level.
       mask: `[N, T]` completion mask.
       clip_eps, clip_eps_high, dual_clip: see `clipped_surrogate`.
+      ratio_level: "token" (one clipped ratio per token) or "sequence" (one per completion,
+        its loss spread evenly over the completion's tokens so that every aggregation mode
+        weighs a completion as it weighs its tokens; at ratio 1 both levels give the same
+        gradient).
       values, old_values, returns: `[N, T]` each, all or none; with them the
         clipped value loss (`value_loss`) is added with weight `vf_coef`.
       value_clip: value clipping range, or None.
@@ -316,7 +373,8 @@ def ppo_loss(
       axis_name: mapped axis the batch is split over.
 
     Returns:
-      `(loss, aux)`; aux keys loss/policy, clipfrac, approx_kl, ratio, advantage,
+      `(loss, aux)`; aux keys loss/policy, clipfrac and ratio (per token, or per completion
+      at the sequence level), approx_kl (k3 of KL(pi_old || pi) per token), advantage,
       and with values loss/value, value/error, value/clipfrac; with entropy, entropy.
     """
     shape = _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs)
@@ -327,14 +385,12 @@ def ppo_loss(
         missing = sorted(set(value_args) - set(given))
         raise ValueError(f"`values`, `old_values` and `returns` go together; got {given} without {missing}.")
     keep = jnp.asarray(mask) > 0
-    advantages = lax.stop_gradient(_masked_f32(_token_advantages(advantages, shape), keep))
-    per_token, ratio, clipped, log_ratio = clipped_surrogate(
-        _masked_f32(logprobs, keep), lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
-    )
+    per_token, advantages, ratio_aux = _clipped_policy_loss(
+        _masked_f32(logprobs, keep), lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,
+        ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+        axis_name=axis_name)
     loss, loss_stat = aggregate_loss(per_token, mask, aggregation, axis_name=axis_name)
-    aux = {"loss/policy": loss_stat, "advantage": Stat.of(advantages, keep, axis_name=axis_name)}
-    aux.update(_ratio_metrics(ratio, clipped, log_ratio, keep, axis_name))
+    aux = {"loss/policy": loss_stat, "advantage": Stat.of(advantages, keep, axis_name=axis_name), **ratio_aux}
     if given:
         v_loss, v_aux = value_loss(
             values, old_values, returns, mask, clip=value_clip, aggregation=aggregation, axis_name=axis_name
@@ -359,6 +415,7 @@ def grpo_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    ratio_level: str = "token",
     kl_coef: float = 0.04,
     kl_kind: str = "k3",
     aggregation: str = "seq-mean-token-mean",
@@ -378,32 +435,33 @@ def grpo_loss(
       advantages: `[N]` from `grpo_advantages` (or `[N, T]`).
       mask: `[N, T]` completion mask.
       clip_eps, clip_eps_high: see `clipped_surrogate`.
+      ratio_level: "token" (the paper) or "sequence", as in `ppo_loss`.
       kl_coef: weight of the KL term (0 disables it).
-      kl_kind: KL estimator ("k3" in the paper).
+      kl_kind: KL estimator ("k3" in the paper; k1 in the loss has zero expected gradient).
       aggregation, axis_name: as in `ppo_loss`.
 
     Returns:
       `(loss, aux)`; aux keys loss/policy (surrogate + KL), clipfrac, approx_kl,
-      ratio, advantage, kl.
+      ratio, advantage, kl/objective (the `kl_kind` estimate of KL(pi || pi_ref) per token,
+      under the current policy).
     """
-    shape = _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     _check_clip(clip_eps, clip_eps_high, None)
     keep = jnp.asarray(mask) > 0
     logprobs = _masked_f32(logprobs, keep)
     ref_logprobs = _masked_f32(ref_logprobs, keep)
-    advantages = lax.stop_gradient(_masked_f32(_token_advantages(advantages, shape), keep))
-    per_token, ratio, clipped, log_ratio = clipped_surrogate(
-        logprobs, lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-    )
+    per_token, advantages, ratio_aux = _clipped_policy_loss(
+        logprobs, lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,
+        ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=None,
+        axis_name=axis_name)
     kl = kl_penalty(logprobs, ref_logprobs, kind=kl_kind)
     loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, axis_name=axis_name)
     aux = {
         "loss/policy": loss_stat,
         "advantage": Stat.of(advantages, keep, axis_name=axis_name),
-        "kl": Stat.of(kl, keep, axis_name=axis_name),
+        "kl/objective": Stat.of(kl, keep, axis_name=axis_name),
+        **ratio_aux,
     }
-    aux.update(_ratio_metrics(ratio, clipped, log_ratio, keep, axis_name))
     return loss, aux
 
 
@@ -439,7 +497,8 @@ def raft_loss(
       num_samples: K >= 1.
       min_score: a group whose best score is below this is skipped (None: never).
       aggregation: see `aggregation.loss_terms` (only selected samples count).
-      nonfinite_scores: "raise", or "mask" (a non-finite score is never selected).
+      nonfinite_scores: "raise", or "mask" (a non-finite score is never selected, and a
+        group whose scores are all non-finite trains on nothing).
       axis_name: mapped axis the batch is split over.
 
     Returns:
@@ -450,6 +509,9 @@ def raft_loss(
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
     ranking = scores if valid is None else jnp.where(valid > 0, scores, -jnp.inf)
     selected = best_of_group(ranking, num_samples=num_samples)
+    if valid is not None:
+        # A group with no valid score has argmax row 0 over all -inf: it selects nothing.
+        selected = selected * valid
     if min_score is not None:
         selected = selected * (scores >= min_score)
     keep = jnp.asarray(mask) > 0

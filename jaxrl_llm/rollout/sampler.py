@@ -33,7 +33,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrl_llm.objectives import token_logprobs
+from jaxrl_llm.objectives import kept_tokens, token_logprobs
 
 # Number of times the generation function has been traced (tests check it is compiled once).
 _TRACE_COUNT = 0
@@ -57,6 +57,7 @@ class Rollout:
       prompt_mask: [N, P] int32, 1 for real prompt tokens.
       temperature: the sampling temperature (static; 0.0 for greedy).
       num_samples: K, the completions per prompt (static).
+      top_k, top_p: the sampler's filter (static; 0 and 1.0 when none, and for greedy decoding).
     """
 
     tokens: jax.Array
@@ -66,6 +67,8 @@ class Rollout:
     prompt_mask: jax.Array
     temperature: float = struct.field(pytree_node=False, default=1.0)
     num_samples: int = struct.field(pytree_node=False, default=1)
+    top_k: int = struct.field(pytree_node=False, default=0)
+    top_p: float = struct.field(pytree_node=False, default=1.0)
 
     @property
     def logprob_temperature(self) -> float:
@@ -108,12 +111,9 @@ _EOS_SLOTS = 4
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Set the logits outside the top-k / nucleus (top-p) set to -inf, as transformers' warpers do.
 
-    top-k keeps tokens whose logit is >= the k-th largest logit (ties with the k-th are kept);
-    top-p (Holtzman et al. 2020, https://arxiv.org/abs/1904.09751) then keeps the smallest set of
-    highest-probability tokens whose probability mass under softmax(logits) (after top-k) is
-    >= top_p: token i is kept iff the mass of the tokens ranked strictly above it is < top_p, so
-    the most likely token is always kept (ties at the boundary are kept).
-    Apply the temperature before calling this (``logits / temperature``), as transformers does.
+    The set is ``jaxrl_llm.objectives.kept_tokens`` (see there for the exact rule), the same one
+    the trainer's log-probabilities use. Apply the temperature before calling this
+    (``logits / temperature``), as transformers does.
 
     Args:
       logits: [..., V] float logits.
@@ -126,18 +126,7 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     if not isinstance(top_p, jax.core.Tracer):
         _check_top_p(top_p)
     logits = jnp.asarray(logits).astype(jnp.float32)
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if isinstance(top_p, jax.core.Tracer) or top_p < 1.0:
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+    return jnp.where(kept_tokens(logits, top_k=top_k, top_p=top_p), logits, -jnp.inf)
 
 
 def _sample_step(logits, uniform, opts: _Options, params: _Sampling) -> tuple[jax.Array, jax.Array]:
@@ -352,7 +341,10 @@ def generate(
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
     fn, args, temperature = _prepare_generate(locals())  # locals(): generate's arguments, by name
-    return fn(*args).replace(temperature=temperature)
+    rollout = fn(*args).replace(temperature=temperature)
+    if temperature > 0:  # greedy logprobs are those of the unfiltered softmax
+        rollout = rollout.replace(top_k=int(top_k), top_p=float(top_p))
+    return rollout
 
 
 def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowered:
@@ -407,36 +399,40 @@ def _prepare_generate(arguments: dict):
     return _compiled_generate(opts, mesh), args, temperature
 
 
-def _sequence_logprobs_impl(chunk_size, model, temperature, prompt_ids, prompt_mask, tokens, mask):
+def _sequence_logprobs_impl(chunk_size, top_k, model, temperature, top_p, prompt_ids, prompt_mask, tokens, mask):
     prompt_len, steps = prompt_ids.shape[1], tokens.shape[1]
     ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     attention = jnp.concatenate([prompt_mask, mask], axis=1)
     hidden = model.hidden_states(ids, attention)[0]
     # The hidden state at position i predicts token i + 1: completion token t is predicted at P - 1 + t.
     logits = model.unembed(hidden[:, prompt_len - 1 : prompt_len - 1 + steps])
-    logprobs = token_logprobs(logits, tokens, temperature=temperature, chunk_size=chunk_size)
+    logprobs = token_logprobs(logits, tokens, temperature=temperature, chunk_size=chunk_size, top_k=top_k,
+                              top_p=top_p)
     return jnp.where(mask.astype(bool), logprobs, 0.0)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_sequence_logprobs(chunk_size):
-    return jax.jit(functools.partial(_sequence_logprobs_impl, chunk_size))
+def _compiled_sequence_logprobs(chunk_size, top_k):
+    return jax.jit(functools.partial(_sequence_logprobs_impl, chunk_size, top_k))
 
 
-def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = None, chunk_size: int | None = None):
+def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = None, chunk_size: int | None = None,
+                      top_k: int | None = None, top_p: float | None = None):
     """Log-probabilities of a rollout's completion tokens under ``model`` (any params), one forward pass.
 
-    log pi(y_t | x, y_<t) = z[y_t] - logsumexp(z),  z = logits_t / temperature, computed by
-    ``jaxrl_llm.objectives.token_logprobs`` on one forward of concat(prompt, completion) with the
-    concatenated attention mask (so positions match the sampler's). No top-k/top-p filtering is
-    applied: with filtering the result differs from ``rollout.logprobs`` on purpose (the trainer's
-    policy is the unfiltered softmax).
+    log pi(y_t | x, y_<t) = z[y_t] - logsumexp over the kept set of z,  z = logits_t / temperature,
+    computed by ``jaxrl_llm.objectives.token_logprobs`` on one forward of concat(prompt, completion)
+    with the concatenated attention mask (so positions match the sampler's). By default the
+    temperature and top-k / top-p filter are the rollout's own, so for the sampling policy the
+    result equals ``rollout.logprobs``; pass ``top_k=0, top_p=1.0`` for the unfiltered softmax
+    (what a reference policy's log-probabilities use).
 
     Args:
       model: a ``CausalLM`` (the policy being trained, or the frozen reference).
       rollout: a ``Rollout`` from ``generate``.
       temperature: > 0; default ``rollout.logprob_temperature`` (the sampling temperature, 1.0 for greedy).
       chunk_size: rows of the flattened [N*T] logits per chunk (memory bound), see ``token_logprobs``.
+      top_k, top_p: the filter; default the rollout's.
     Returns:
       [N, T] float32 log-probabilities, 0 where ``rollout.mask`` == 0.
     """
@@ -445,8 +441,11 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = No
         raise ValueError(f"temperature: got {temperature!r}, expected a positive float")
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size, minimum=1)
-    fn = _compiled_sequence_logprobs(chunk_size)
-    return fn(model, np.float32(temperature), rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+    top_k = _check_top_k(rollout.top_k if top_k is None else top_k)
+    top_p = _check_top_p(rollout.top_p if top_p is None else top_p)
+    fn = _compiled_sequence_logprobs(chunk_size, top_k)
+    return fn(model, np.float32(temperature), np.float32(top_p), rollout.prompt_ids, rollout.prompt_mask,
+              rollout.tokens, rollout.mask)
 
 
 # ----------------------------------------------------------------------------- argument checks
