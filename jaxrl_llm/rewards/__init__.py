@@ -59,28 +59,57 @@ def python_term(target: str) -> Term:
     return call
 
 
-def reward_model_term(path: str, *, batch_size: int = 32) -> Term:
-    """Score prompt + completion text with a sequence-classification reward model."""
-    import jax.numpy as jnp
+def _bucket(length: int, minimum: int = 16) -> int:
+    """The padded length for `length` tokens: the next power of two (at least `minimum`), so a
+    run compiles the reward model for a handful of lengths, not one per batch."""
+    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
+
+
+def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = True) -> Term:
+    """Score prompt + completion with a sequence-classification reward model, jitted.
+
+    The text is tokenised with the reward model's own tokenizer; with `append_eos` its EOS token
+    ends every sequence (reward models are trained to score at it; it is not added twice).
+    Batches are padded (left) to `batch_size` rows and a power-of-two length, so the compiled
+    forward pass is reused from batch to batch.
+    """
+    import jax
     import transformers
+    from flax import nnx
 
     from jaxrl_llm.models import reward_model_from_pretrained
 
     model = reward_model_from_pretrained(path)
+    graphdef, weights = nnx.split(model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is None:
+        raise ValueError(f"`reward.terms[].append_eos`: the tokenizer of {path!r} has no EOS token; set append_eos: false.")
+    eos = eos if isinstance(eos, int) or eos is None else eos[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+
+    @jax.jit
+    def forward(weights, ids, mask):
+        return nnx.merge(graphdef, weights)(ids, mask)
 
     def score(samples):
         out = []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            enc = tokenizer([s.example.prompt + s.text for s in chunk], return_tensors="np", padding=True)
-            out.extend(np.asarray(model(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))).tolist())
+            rows = [list(tokenizer(s.example.prompt + s.text)["input_ids"]) for s in chunk]
+            if append_eos:
+                rows = [r if r and r[-1] == eos else r + [eos] for r in rows]
+            width = _bucket(max(len(r) for r in rows))
+            ids = np.full((batch_size, width), pad, np.int32)
+            mask = np.zeros((batch_size, width), np.int32)
+            mask[:, -1] = 1  # filler rows hold one token, so no row is all padding
+            for i, r in enumerate(rows):
+                ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+            out.extend(np.asarray(forward(weights, ids, mask))[: len(chunk)].tolist())
         return out
 
     score.__name__ = f"reward_model({path})"
+    score.forward = forward  # the jitted model call (its cache size counts the compiled lengths)
     return score
 
 
@@ -155,7 +184,7 @@ def build_reward(reward_config, task) -> RewardFunction:
         elif spec.kind == "python":
             terms.append((spec.weight, python_term(spec.target)))
         else:
-            terms.append((spec.weight, reward_model_term(spec.target)))
+            terms.append((spec.weight, reward_model_term(spec.target, append_eos=spec.append_eos)))
     return RewardFunction(
         terms,
         missing_eos_penalty=reward_config.missing_eos_penalty,

@@ -81,3 +81,37 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
     valid[1] = False
     scores[1] = 5.0
     np.testing.assert_array_equal(informative_rows(scores, valid, 2, 2), [2, 3, 6, 7])
+
+
+def test_reward_model_term_scores_with_eos_on_bucketed_lengths(tmp_path):
+    """The reward-model term: prompt + completion + EOS, jitted, one compilation per length bucket."""
+    import torch
+    import transformers
+
+    from jaxrl_llm.rewards import reward_model_term
+    from jaxrl_llm.tasks.tokenizer import VOCAB, char_tokenizer, save_char_tokenizer
+
+    config = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    hf.save_pretrained(tmp_path)
+    save_char_tokenizer(tmp_path)
+    tokenizer = char_tokenizer()
+
+    def hf_score(text, eos=True):
+        ids = tokenizer(text)["input_ids"] + ([VOCAB["<eos>"]] if eos else [])
+        with torch.no_grad():
+            return float(hf(torch.tensor([ids])).logits[0, 0])
+
+    term = reward_model_term(str(tmp_path), batch_size=4)
+    batch = samples(["12", "3456", "7", "", "99"])  # 5 samples: two batches of 4 rows
+    expected = [hf_score(s.example.prompt + s.text) for s in batch]
+    np.testing.assert_allclose(term(batch), expected, atol=1e-4)
+    without_eos = reward_model_term(str(tmp_path), batch_size=4, append_eos=False)
+    np.testing.assert_allclose(without_eos(batch), [hf_score(s.example.prompt + s.text, eos=False) for s in batch],
+                               atol=1e-4)
+    assert not np.allclose(expected, without_eos(batch), atol=1e-3)
+    term(samples(["1234567"]))  # another length inside the same 16-token bucket
+    assert term.forward._cache_size() == 1
