@@ -48,6 +48,9 @@ class RewardSpec:
     kind: Literal["task", "python", "reward_model"] = "task"
     weight: float = 1.0
     target: str | None = None  # "module:function" for python, a checkpoint directory for reward_model
+    # reward_model only: score prompt + completion + EOS, the text reward models are trained to
+    # score at (the EOS is added when the completion did not end with it).
+    append_eos: bool = True
 
 
 @dataclass
@@ -66,22 +69,29 @@ class AlgoConfig:
     name: Literal["reinforce", "vanilla_pg", "rloo", "ppo", "grpo", "raft"] = "rloo"
     num_samples: int = 4  # K completions per prompt
     kl_coef: float = 0.05
-    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    # KL estimator of the objective (in the reward; in the loss for grpo). None: k1, and k3 for grpo.
+    kl_kind: Literal["k1", "k2", "k3"] | None = None
     baseline: Literal["batch", "ema"] = "batch"  # REINFORCE baseline
     ema_decay: float = 0.9
-    update_epochs: int = 1  # passes over each batch; >1 turns on the clipped ratio (as TRL does)
+    update_epochs: int = 1  # passes over each batch; >1 (or num_minibatches > 1) turns on the clipped ratio
     num_minibatches: int = 1
+    # What one clipped ratio covers when there are several updates per batch: a whole completion
+    # ("sequence", TRL's RLOO) or one token ("token", PPO). None: sequence for reinforce, vanilla_pg
+    # and rloo, token for ppo and grpo.
+    ratio_level: Literal["sequence", "token"] | None = None
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.1
     value_clip: float | None = 0.2
-    critic: Literal["shared", "separate"] = "shared"
+    # PPO's value model: its own backbone ("separate", the source document's four models) or a
+    # head on the policy's hidden states ("shared": value-loss gradients then reach the policy's trunk).
+    critic: Literal["shared", "separate"] = "separate"
     whiten_advantages: bool = True  # PPO only
     grpo_scale: Literal["group", "batch", "none"] = "group"
     raft_min_score: float | None = None  # RAFT trains on a group's best sample only if it scores at least this
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # entropy bonus, aggregated like the policy loss (with its gradient)
     aggregation: str | None = None  # None: the algorithm's own default
 
 
@@ -92,8 +102,10 @@ class RolloutConfig:
     oversample: float = 1.0  # sample this many times more prompts; train on the groups whose rewards differ
     max_new_tokens: int = 8
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # the training log-probabilities use the same top-k / top-p set as the sampler
     top_p: float = 1.0
+    # Token ids that end a completion besides the tokenizer's and the model's generation config's EOS.
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -265,6 +277,13 @@ def validate(config: Config) -> Config:
     for ok, name, value, expected in checks:
         if not ok:
             raise ValueError(f"`{name}`: got {value!r}, expected {expected}.")
+    if a.ratio_level == "sequence" and a.name == "ppo":
+        raise ValueError("`algo.ratio_level`: got 'sequence', expected 'token' or None for ppo "
+                         "(GAE gives one advantage per token, and a sequence ratio needs one per completion).")
+    if a.ratio_level is not None and a.name == "raft":
+        raise ValueError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected None for raft (it has no ratio).")
+    if any(i < 0 for i in r.stop_token_ids):
+        raise ValueError(f"`rollout.stop_token_ids`: got {r.stop_token_ids!r}, expected non-negative token ids.")
     if a.aggregation is not None:
         from jaxrl_llm.objectives import LOSS_AGGREGATIONS
 

@@ -7,17 +7,25 @@ How this departs from the algorithms as papers state them:
 - The reward carries the KL penalty (score - kl_coef * sum_t kl_t) and the
   advantage is a constant for the gradient, as in TRL/verl/OpenRLHF; the source
   document's pseudocode also lets gradient flow through the KL term.
-- Training log-probabilities are recomputed at the *sampling temperature*.
-  The sampler's own log-probabilities are not reused: the "old" policy of the
-  ratio is this recomputation, so ratio == 1 exactly on the first update.
+- Training log-probabilities are recomputed at the *sampling temperature*,
+  over the sampler's top-k / top-p set when one is configured (the reference
+  keeps its full softmax). The sampler's own log-probabilities are not reused.
+  With one update per batch the policy being differentiated is the one that
+  sampled: its own log-probabilities under stop_gradient are the "old" ones
+  (ratio exactly 1, no extra forward pass); with several, `prepare` recomputes
+  them once before the updates.
 - Samples whose reward failed (with `reward.on_error=mask`) are dropped from
   every baseline, advantage and loss of the step rather than scored 0.
 - `rollout.oversample > 1` samples more prompts than it trains on and keeps the
   groups whose rewards differ (DAPO's dynamic sampling); the others have zero
   advantage and would only dilute the update.
-- With more than one update per batch, REINFORCE and RLOO use PPO's clipped
-  ratio on their sequence advantages (as TRL's RLOO does); with one, they are
-  exactly the seed's estimator.
+- With more than one update per batch, REINFORCE and RLOO clip one ratio per
+  completion, exp(sum_t log pi - log pi_old), as TRL's RLOO does
+  (`algo.ratio_level: sequence`, their default); with one, they are exactly the
+  seed's estimator.
+- The logged `kl` is the same for every algorithm: the k1 estimate of
+  KL(pi || pi_ref) per valid completion token under the policy that sampled;
+  the estimator the objective itself uses is `kl/objective`.
 
 Multi-device: `jax.jit` over a `(data, fsdp)` mesh; the batch is split over all
 devices, parameters and optimizer state are replicated (`fsdp=1`) or sharded.
@@ -78,6 +86,27 @@ def load_policy(config: Config):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return policy, tokenizer
+
+
+def stop_token_ids(config: Config, tokenizer) -> set[int]:
+    """The ids that end a completion: the tokenizer's EOS, the model config's and its generation
+    config's `eos_token_id` (chat models list their end-of-turn token there: Gemma 3's
+    `<end_of_turn>`, Llama 3's `<|eot_id|>`), and `rollout.stop_token_ids`."""
+    directory, gguf_file = resolve_model_path(config)
+    found = [tokenizer.eos_token_id, *config.rollout.stop_token_ids]
+    if gguf_file is None:  # a GGUF file carries its EOS in the tokenizer it embeds
+        model_config = transformers.AutoConfig.from_pretrained(directory)
+        found += [model_config.eos_token_id, getattr(model_config.get_text_config(), "eos_token_id", None)]
+        if os.path.isfile(os.path.join(directory, "generation_config.json")):
+            found.append(transformers.GenerationConfig.from_pretrained(directory).eos_token_id)
+    ids = set()
+    for value in found:
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    if not ids:
+        raise ValueError(f"`model.path`: {directory!r} names no EOS token (tokenizer, config or generation "
+                         "config); set rollout.stop_token_ids so that completions can end.")
+    return {int(i) for i in ids}
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -156,8 +185,7 @@ class Trainer:
         # Model, tokenizer, task, reward.
         policy, self.tokenizer = load_policy(c)
         self.graphdef, policy_params = nnx.split(policy)
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
+        self.eos_ids = stop_token_ids(c, self.tokenizer)
         self.task = get_task(c.task.name, **c.task.options)
         self.reward_fn = build_reward(c.reward, self.task)
         eval_examples = self.task.eval_examples() if hasattr(self.task, "eval_examples") else []
@@ -169,7 +197,8 @@ class Trainer:
             critic = models.make_critic(policy, c.algo.critic, rngs=nnx.Rngs(c.train.seed))
             critic_graphdef, critic_params = nnx.split(critic)
         self.algorithm = Algorithm(c.algo, graphdef=self.graphdef, critic_graphdef=critic_graphdef,
-                                   temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size)
+                                   temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
+                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p)
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
@@ -198,13 +227,14 @@ class Trainer:
         return jax.device_put(state, shardings), shardings
 
     def _update_fn(self, state: TrainState, batch):
-        (loss, aux), grads = jax.value_and_grad(self.algorithm.loss, has_aux=True)(state.params, batch)
+        (loss, (aux, baseline_state)), grads = jax.value_and_grad(self.algorithm.loss, has_aux=True)(
+            state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {key: stat.mean for key, stat in aux.items()}
         metrics["loss/total"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.replace(params=params, opt_state=opt_state), metrics
+        return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), metrics
 
     # -- generation and scoring ---------------------------------------------------------------
     def _sample(self, examples, key, *, num_samples, temperature):
@@ -238,15 +268,17 @@ class Trainer:
         return {"eval/accuracy": exact_accuracy(self.task, self.eval_examples, texts, finished)}
 
     # -- one RL step --------------------------------------------------------------------------
-    def step(self) -> dict:
+    def collect(self):
+        """Steps 1-2 of an RL step: prompts, K completions each, rewards, and the groups to train on.
+
+        Returns `(batch, samples, sampled_scores, sampled_valid)`: the `RolloutBatch` on the mesh,
+        the trained `Sample`s, and the rewards of everything sampled (before dynamic sampling)."""
         c = self.config
         step = int(self.state.step)
-        start = time.perf_counter()
-        generation_key, shuffle_key = step_keys(self.state, step)
+        generation_key, _ = step_keys(self.state, step)
 
         # 1. Prompts, then K completions per prompt (prompt-major).
-        num_prompts = self.prompts_sampled_per_step
-        examples = self.task.train_batch(self.data_position, num_prompts)
+        examples = self.task.train_batch(self.data_position, self.prompts_sampled_per_step)
         rollout = self._sample(examples, generation_key, num_samples=c.algo.num_samples,
                                temperature=c.rollout.temperature)
 
@@ -254,15 +286,22 @@ class Trainer:
         samples, scores, valid = self._score(examples, rollout, c.algo.num_samples)
         sampled_scores, sampled_valid = scores, valid
         arrays = [np.asarray(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)]
-        if num_prompts > c.rollout.prompts_per_step:
+        if self.prompts_sampled_per_step > c.rollout.prompts_per_step:
             # Dynamic sampling (DAPO): train on the groups whose rewards differ.
             rows = informative_rows(scores, valid, c.algo.num_samples, c.rollout.prompts_per_step)
             arrays, scores, valid = [x[rows] for x in arrays], scores[rows], valid[rows]
             samples = [samples[i] for i in rows]
         batch = RolloutBatch(*arrays, scores, valid)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
+        return batch, samples, sampled_scores, sampled_valid
 
-        # 3. Old and reference log-probabilities, values, advantages.
+    def step(self) -> dict:
+        c = self.config
+        start = time.perf_counter()
+        _, shuffle_key = step_keys(self.state, int(self.state.step))
+        batch, samples, sampled_scores, sampled_valid = self.collect()
+
+        # 3. Reference log-probabilities; with several updates also old log-probs, values, advantages.
         self.state, train_batch, metrics = self._prepare(self.state, batch)
 
         # 4. Updates: epochs x minibatches of whole prompt groups.
@@ -275,14 +314,14 @@ class Trainer:
                 self.state, m = self._update(self.state, minibatch)
                 update_metrics.append(m)
         self.state = self.state.replace(step=self.state.step + 1)
-        self.data_position += num_prompts
+        self.data_position += self.prompts_sampled_per_step
 
-        # 5. Metrics (means over the updates of this step).
+        # 5. Metrics: means over the updates of this step; what `prepare` measured on the policy
+        # that sampled (its entropy) stands as it is.
         metrics = {k: float(v) for k, v in metrics.items()}
         for key in update_metrics[0]:
-            if key in metrics and key in ("kl", "entropy"):
-                continue  # measured before the updates, on the policy that sampled
-            metrics[key] = float(np.mean([float(m[key]) for m in update_metrics]))
+            metrics.setdefault(key, float(np.mean([float(m[key]) for m in update_metrics])))
+        scores, valid = np.asarray(batch.scores), np.asarray(batch.valid)
         lengths = np.asarray(batch.mask).sum(-1)
         finished = np.array([s.finished for s in samples])
         elapsed = time.perf_counter() - start
@@ -333,7 +372,9 @@ class Trainer:
             self.logger.log(done, metrics)
             last = metrics
             if hasattr(progress, "set_postfix"):
-                shown = {"reward": metrics["reward/mean"], "acc": metrics["train/accuracy"], "kl": metrics["kl"]}
+                shown = {"reward": metrics["reward/mean"], "acc": metrics["train/accuracy"]}
+                if "kl" in metrics:  # raft has no reference
+                    shown["kl"] = metrics["kl"]
                 if "eval/accuracy" in metrics:
                     shown["eval"] = metrics["eval/accuracy"]
                 progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})

@@ -1,0 +1,131 @@
+"""How the trainer wires knobs to the update: stop tokens, top-k/top-p, the critic, the forward
+passes each algorithm runs, and one meaning of `kl`."""
+
+import dataclasses
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from jaxrl_llm.tasks.tokenizer import VOCAB
+from jaxrl_llm.training import Algorithm, Trainer, load_config
+from jaxrl_llm.training import algorithms
+from jaxrl_llm.training.algorithms import RolloutBatch
+from jaxrl_llm.training.state import step_keys
+from tests.training.test_reference_updates import forward
+
+SEVEN = VOCAB["7"]
+
+
+def test_generation_config_eos_ids_end_completions(toy_config, tiny_policy_dir, tmp_path):
+    """A chat model lists its end-of-turn token in generation_config.json: it must end completions."""
+    chat = tmp_path / "chat_model"
+    shutil.copytree(tiny_policy_dir, chat)
+    transformers.GenerationConfig(eos_token_id=[2, SEVEN]).save_pretrained(chat)
+    trainer = Trainer(toy_config(f"model.path={chat}", "rollout.stop_token_ids=[9]", "rollout.max_new_tokens=8"))
+    assert trainer.eos_ids == {2, SEVEN, 9}
+    batch, samples, _, _ = trainer.collect()
+    ends = []
+    for row, row_mask, sample in zip(np.asarray(batch.tokens), np.asarray(batch.mask), samples):
+        kept = row[row_mask > 0]
+        assert not np.isin(kept[:-1], [2, SEVEN, 9]).any()  # a completion stops at its first stop token
+        assert sample.finished == (kept[-1] in (2, SEVEN, 9))
+        ends.append(kept[-1])
+    assert SEVEN in ends  # the random policy says '7' often: those completions finished
+
+
+def test_top_k_top_p_training_logprobs_are_the_samplers(toy_config):
+    trainer = Trainer(toy_config("rollout.top_k=5", "rollout.top_p=0.9", algo="grpo"))
+    examples = trainer.task.train_batch(0, 8)
+    rollout = trainer._sample(examples, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
+    n = rollout.tokens.shape[0]
+    batch = RolloutBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                         jnp.asarray(np.random.default_rng(0).random(n), jnp.float32), jnp.ones(n, bool))
+    mask = np.asarray(rollout.mask) > 0
+    recomputed = trainer.algorithm._forward(trainer.state.params["policy"], batch).logprobs
+    np.testing.assert_allclose(np.where(mask, recomputed, 0.0), rollout.logprobs, atol=2e-5)
+    # The unfiltered softmax would not be the sampling distribution: the test can tell them apart.
+    unfiltered = algorithms.policy_forward(trainer.graphdef, trainer.state.params["policy"], batch,
+                                           temperature=1.0, chunk_size=None).logprobs
+    assert np.abs(np.where(mask, unfiltered, 0.0) - rollout.logprobs).max() > 1e-2
+    # First update: the ratio is exactly 1 (one update), and within float error of 1 with several.
+    for update_epochs, tolerance in ((1, 0.0), (2, 1e-6)):
+        algorithm = Algorithm(dataclasses.replace(trainer.config.algo, update_epochs=update_epochs),
+                              graphdef=trainer.graphdef, temperature=1.0, chunk_size=None, top_k=5, top_p=0.9)
+        state, train_batch, _ = jax.jit(algorithm.prepare)(trainer.state, batch)
+        _, (aux, _) = jax.jit(algorithm.loss)(state.params, train_batch)
+        assert abs(float(aux["ratio"].mean) - 1.0) <= tolerance and float(aux["clipfrac"].mean) == 0.0
+
+
+def test_ppo_critic_is_separate_by_default():
+    assert load_config(None).algo.critic == "separate"
+    assert load_config("configs/ppo_arithmetic.yaml").algo.critic == "separate"
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_value_loss_reaches_the_policy_only_through_a_shared_critic(toy_config, critic):
+    trainer = Trainer(toy_config(f"algo.critic={critic}", "algo.num_samples=1", "rollout.prompts_per_step=16",
+                                 algo="ppo"))
+    batch = trainer.collect()[0]
+
+    def policy_grads(vf_coef):
+        algorithm = Algorithm(dataclasses.replace(trainer.config.algo, vf_coef=vf_coef), graphdef=trainer.graphdef,
+                              critic_graphdef=trainer.algorithm.critic_graphdef, temperature=1.0, chunk_size=None)
+        state, train_batch, _ = jax.jit(algorithm.prepare)(trainer.state, batch)
+        grads, _ = jax.jit(jax.grad(algorithm.loss, has_aux=True))(state.params, train_batch)
+        return grads["policy"]
+
+    difference = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(policy_grads(0.1)),
+                                                                  jax.tree.leaves(policy_grads(2.0))))
+    if critic == "separate":
+        assert difference == 0.0
+    else:
+        assert difference > 1e-4
+
+
+@pytest.mark.parametrize("algo,extra,forwards", [
+    ("rloo", [], 1), ("reinforce", ["algo.baseline=ema"], 1), ("vanilla_pg", [], 1), ("grpo", [], 1),
+    ("ppo", [], 1), ("raft", [], 0),  # one update: the reference only (RAFT has none)
+    ("rloo", ["algo.update_epochs=2"], 2), ("ppo", ["algo.num_minibatches=2"], 2),  # + the old policy
+    ("raft", ["algo.update_epochs=2"], 0),  # RAFT reads no old log-probabilities either
+])
+def test_prepare_runs_only_the_forward_passes_it_reads(toy_config, monkeypatch, algo, extra, forwards):
+    calls = []
+    real = algorithms.policy_forward
+    monkeypatch.setattr(algorithms, "policy_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = Trainer(toy_config(*extra, algo=algo))
+    batch = trainer.collect()[0]
+    jax.eval_shape(trainer.algorithm.prepare, trainer.state, batch)
+    assert len(calls) == forwards
+    calls.clear()
+    train_batch = jax.eval_shape(trainer.algorithm.prepare, trainer.state, batch)[1]
+    calls.clear()
+    jax.eval_shape(trainer.algorithm.loss, trainer.state.params, train_batch)
+    assert len(calls) == 1  # the loss's own forward pass
+
+
+@pytest.mark.parametrize("algo,extra", [
+    ("rloo", ["algo.kl_kind=k3"]), ("grpo", []), ("ppo", ["algo.update_epochs=2", "algo.kl_kind=k2"]),
+    ("reinforce", ["algo.num_minibatches=2"]),
+])
+def test_kl_metric_is_k1_of_the_sampling_policy_for_every_algorithm(toy_config, algo, extra):
+    trainer = Trainer(toy_config("algo.kl_coef=0.5", "optim.learning_rate=0.05", *extra, algo=algo))
+    trainer.step()  # move the policy away from the reference
+    batch = trainer.collect()[0]
+    mask = np.asarray(batch.mask) * np.asarray(batch.valid)[:, None] > 0
+    tokens = np.asarray(batch.tokens)[..., None]
+    logp = lambda params: np.take_along_axis(  # noqa: E731
+        np.asarray(jax.nn.log_softmax(forward(trainer, params, batch)[0] / 1.0, -1), np.float64), tokens, -1)[..., 0]
+    d = (logp(trainer.state.params) - logp({"policy": trainer.state.ref_params}))[mask]
+    kind = trainer.algorithm.kl_kind
+    estimator = {"k1": d, "k2": 0.5 * d**2, "k3": np.expm1(-d) + d}[kind]
+    state, train_batch, prepared = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    _, (aux, _) = jax.jit(trainer.algorithm.loss)(state.params, train_batch)
+    measured = {key: float(prepared[key]) if key in prepared else float(aux[key].mean) for key in ("kl", "kl/objective")}
+    assert abs(d.mean()) > 1e-3
+    np.testing.assert_allclose(measured["kl"], d.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(measured["kl/objective"], estimator.mean(), rtol=1e-4, atol=1e-6)
+    assert kind == {"grpo": "k3"}.get(algo, {"rloo": "k3", "ppo": "k2"}.get(algo, "k1"))
