@@ -29,15 +29,36 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}"
 
 
-def run(algo: str, steps: int, run_dir: Path) -> dict:
+def time_compiled_calls(trainer) -> list[float]:
+    """Wrap the trainer's compiled `_prepare` and `_update` so that each call is timed to completion;
+    returns the list the times go to. Sampling and rewards are left out: this is the cost of the
+    forward/backward passes an algorithm needs."""
+    times = []
+
+    def timed(fn):
+        def call(*args):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+            return out
+        return call
+
+    trainer._prepare, trainer._update = timed(trainer._prepare), timed(trainer._update)
+    return times
+
+
+def run(algo: str, steps: int, run_dir: Path, overrides: list[str]) -> dict:
     config = load_config(ROOT / "configs" / f"{algo}_arithmetic.yaml", [
         f"train.steps={steps}", f"train.run_dir={run_dir}", "train.progress=false", "train.plot=false",
-        "train.tensorboard=false", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+        "train.tensorboard=false", f"train.eval_every={steps}", f"train.checkpoint_every={steps}", *overrides,
     ])
     start = time.perf_counter()
     trainer = Trainer(config)
+    call_times = time_compiled_calls(trainer)
+    calls_per_step = 1 + config.algo.update_epochs * config.algo.num_minibatches
     summary = trainer.run()
     wall = time.perf_counter() - start
+    per_step = [sum(call_times[i : i + calls_per_step]) for i in range(0, len(call_times), calls_per_step)]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] > 0]  # step 0 holds only the evaluation before training
     k = max(1, min(10, steps // 5))
@@ -50,6 +71,7 @@ def run(algo: str, steps: int, run_dir: Path) -> dict:
         "eval before": summary.get("eval/accuracy_before", float("nan")),
         "eval after": summary.get("eval/accuracy_after", float("nan")),
         "step time (s)": sorted(r["step_time_s"] for r in rows[1:])[len(rows[1:]) // 2],
+        "prepare+update (s)": sorted(per_step[1:])[len(per_step[1:]) // 2],
         "wall (s)": wall,
     }
 
@@ -59,19 +81,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--algos", nargs="*", default=list(ALGORITHMS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "algorithms.md"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. algo.critic=shared")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos:
-            results.append(run(algo, args.steps, Path(tmp) / algo))
+            results.append(run(algo, args.steps, Path(tmp) / algo, args.set))
             print(json.dumps(results[-1]))
     keys = list(results[0])
     lines = [
         f"# Algorithms on the arithmetic task ({args.steps} steps each)",
         "",
-        f"Machine: {machine()}. Command: `python benchmarks/algorithms.py --steps {args.steps}`.",
+        f"Machine: {machine()}. Command: `python benchmarks/algorithms.py --steps {args.steps}"
+        + "".join(f" --set {o}" for o in args.set) + "`.",
         "Reward: mean verifier reward of the sampled completions (first/last 10 steps);",
-        "eval: held-out greedy accuracy on 200 problems; step time: median, compilation excluded.",
+        "eval: held-out greedy accuracy on 200 problems; step time: median, compilation excluded;",
+        "prepare+update: median per step of the compiled forward/backward calls alone (no sampling, no rewards).",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
