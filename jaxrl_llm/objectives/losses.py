@@ -401,7 +401,8 @@ def ppo_loss(
         _checks.check_float("entropy", entropy)
         _checks.check_shape("entropy", entropy, shape, like="logprobs")
         entropy_mean, entropy_stat = aggregate_loss(_masked_f32(entropy, keep), mask, aggregation, axis_name=axis_name)
-        loss = loss - entropy_coef * entropy_mean
+        if not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):  # no backward pass for a 0 bonus
+            loss = loss - entropy_coef * entropy_mean
         aux["entropy"] = entropy_stat
     return loss, aux
 
