@@ -164,6 +164,12 @@ class Algorithm:
                              chunk_size=self.chunk_size)
         return jax.lax.stop_gradient(ref.logprobs)
 
+    def _ema_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):
+        """`(baseline_state after this batch, baseline for this batch)` of REINFORCE's EMA baseline."""
+        seq_rewards = obj.sequence_rewards(rollout.scores, sampling_logprobs, ref_logprobs, rollout.mask,
+                                           kl_coef=self.cfg.kl_coef, kind=self.kl_kind)
+        return obj.ema_baseline_update(baseline_state, seq_rewards, decay=self.cfg.ema_decay, valid=rollout.valid)
+
     def _advantages(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs, old_values):
         """`(advantages, returns or None, baseline_state)` from the sampling policy's log-probabilities."""
         cfg = self.cfg
@@ -177,8 +183,7 @@ class Algorithm:
             elif cfg.name == "vanilla_pg":
                 advantages = obj.reinforce_advantages(seq_rewards, baseline=jnp.zeros(()), valid=valid)
             elif cfg.baseline == "ema":
-                baseline_state, baseline = obj.ema_baseline_update(
-                    baseline_state, seq_rewards, decay=cfg.ema_decay, valid=valid)
+                baseline_state, baseline = self._ema_baseline(baseline_state, rollout, sampling_logprobs, ref_logprobs)
                 advantages = obj.reinforce_advantages(seq_rewards, baseline=baseline, valid=valid)
             else:
                 advantages = obj.reinforce_advantages(seq_rewards, valid=valid)
@@ -248,10 +253,8 @@ class Algorithm:
                 if cfg.name == "vanilla_pg":
                     baseline = jnp.zeros(())
                 elif cfg.baseline == "ema":
-                    seq_rewards = obj.sequence_rewards(rollout.scores, old_logprobs, batch.ref_logprobs, rollout.mask,
-                                                       kl_coef=cfg.kl_coef, kind=self.kl_kind)
-                    baseline_state, baseline = obj.ema_baseline_update(
-                        baseline_state, seq_rewards, decay=cfg.ema_decay, valid=rollout.valid)
+                    baseline_state, baseline = self._ema_baseline(baseline_state, rollout, old_logprobs,
+                                                                  batch.ref_logprobs)
                 loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                                baseline=baseline, **bandit)
         elif cfg.name == "raft":
