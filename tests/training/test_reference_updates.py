@@ -70,16 +70,23 @@ def assert_grads_equal(ours, theirs):
 
 
 def setup(toy_config, algo, *overrides):
+    """A trainer one step in (so that the policy differs from the reference and the KL terms
+    matter), the next step's rollout, and what `prepare` makes of it."""
     trainer = Trainer(toy_config(f"rollout.temperature={TEMPERATURE}", f"algo.kl_coef={KL_COEF}",
-                                 f"algo.entropy_coef={ENTROPY_COEF}", f"algo.num_samples={K}", *overrides, algo=algo))
+                                 f"algo.entropy_coef={ENTROPY_COEF}", f"algo.num_samples={K}", "optim.learning_rate=0.03",
+                                 *overrides, algo=algo))
+    trainer.step()
     batch = trainer.collect()[0]
-    state, train_batch, _ = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    # The trainer's compiled prepare (it donates the state it is given: give it a copy).
+    state, train_batch, _ = trainer._prepare(jax.tree.map(jnp.copy, trainer.state), batch)
     return trainer, batch, state, train_batch
 
 
 def our_update(trainer, params, train_batch):
     value_and_grad = jax.jit(jax.value_and_grad(trainer.algorithm.loss, has_aux=True))
     (loss, (aux, _)), grads = value_and_grad(params, train_batch)
+    if "kl" in aux:  # the policy has moved from the reference: the KL terms are tested too
+        assert abs(float(aux["kl"].mean)) > 1e-3
     return float(loss), grads, aux
 
 
@@ -136,9 +143,11 @@ def test_reinforce_ema_baseline_advances_once_per_update(toy_config):
     logp, _ = logprobs_and_entropy(as_torch(ids_logits), batch.tokens)
     ref_logp, _ = logprobs_and_entropy(as_torch(ref_logits), batch.tokens)
     mean_reward = float((scores - KL_COEF * ((logp - ref_logp) * mask).sum(-1)).mean())
+    before = trainer.state.baseline
+    assert int(before.count) == 1  # the first step's update advanced it once
     new_state, _ = trainer._update(trainer.state, train_batch)
-    assert int(new_state.baseline.count) == 1
-    np.testing.assert_allclose(float(new_state.baseline.ema), 0.2 * mean_reward, rtol=1e-5)
+    assert int(new_state.baseline.count) == 2
+    np.testing.assert_allclose(float(new_state.baseline.ema), 0.8 * float(before.ema) + 0.2 * mean_reward, rtol=1e-5)
 
 
 def test_grpo_update_equals_the_reference(toy_config):
@@ -161,7 +170,8 @@ def test_grpo_update_equals_the_reference(toy_config):
     ref_loss, ref_grads = reference_gradient(trainer, state.params, batch, loss)
     np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_equal(grads, ref_grads)
-    assert float(aux["ratio"].mean) == 1.0 and float(aux["clipfrac"].mean) == 0.0
+    # One update: every ratio is exactly 1 (their sum is their count), nothing is clipped.
+    assert float(aux["ratio"].total) == float(aux["ratio"].count) and float(aux["clipfrac"].total) == 0.0
 
 
 def test_raft_update_equals_the_reference(toy_config):
@@ -223,7 +233,7 @@ def test_second_rloo_update_clips_at_the_configured_ratio_level(toy_config, rati
     """Several updates per batch: advantages fixed from the sampling policy, then TRL's clipped
     ratio, one per completion (sequence) or one per token."""
     trainer, batch, state, train_batch = setup(toy_config, "rloo", "algo.update_epochs=2", "algo.clip_eps=0.02",
-                                               f"algo.ratio_level={ratio_level}", "optim.learning_rate=0.03")
+                                               f"algo.ratio_level={ratio_level}")
     old_params = jax.tree.map(jnp.copy, state.params)
     trainer.state, _ = trainer._update(state, train_batch)  # the first update moves the policy
     scores, mask = torch_batch(batch)

@@ -57,7 +57,9 @@ def test_top_k_top_p_training_logprobs_are_the_samplers(toy_config):
                               graphdef=trainer.graphdef, temperature=1.0, chunk_size=None, top_k=5, top_p=0.9)
         state, train_batch, _ = jax.jit(algorithm.prepare)(trainer.state, batch)
         _, (aux, _) = jax.jit(algorithm.loss)(state.params, train_batch)
-        assert abs(float(aux["ratio"].mean) - 1.0) <= tolerance and float(aux["clipfrac"].mean) == 0.0
+        ratio = aux["ratio"]  # sum of the ratios against their count (a GPU's division is not exact)
+        assert abs(float(ratio.total) - float(ratio.count)) <= tolerance * float(ratio.count)
+        assert float(aux["clipfrac"].total) == 0.0
 
 
 def test_ppo_critic_is_separate_by_default():
@@ -80,8 +82,8 @@ def test_value_loss_reaches_the_policy_only_through_a_shared_critic(toy_config, 
 
     difference = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(policy_grads(0.1)),
                                                                   jax.tree.leaves(policy_grads(2.0))))
-    if critic == "separate":
-        assert difference == 0.0
+    if critic == "separate":  # no path from the value loss to the policy (a GPU's reduction order aside)
+        assert difference <= 1e-6
     else:
         assert difference > 1e-4
 
