@@ -231,10 +231,8 @@ class Trainer:
             state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {key: stat.mean for key, stat in aux.items()}
-        metrics["loss/total"] = loss
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), metrics
+        scalars = {"loss/total": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), (aux, scalars)
 
     # -- generation and scoring ---------------------------------------------------------------
     def _sample(self, examples, key, *, num_samples, temperature):
@@ -305,22 +303,26 @@ class Trainer:
         self.state, train_batch, metrics = self._prepare(self.state, batch)
 
         # 4. Updates: epochs x minibatches of whole prompt groups.
-        update_metrics = []
+        update_stats, update_scalars = [], []
         for epoch in range(c.algo.update_epochs):
             order = minibatch_indices(jax.random.fold_in(shuffle_key, epoch), c.rollout.prompts_per_step,
                                       c.algo.num_samples, c.algo.num_minibatches)
             for indices in order:
                 minibatch = train_batch if self.algorithm.single_update else take(train_batch, indices)
-                self.state, m = self._update(self.state, minibatch)
-                update_metrics.append(m)
+                self.state, (stats, scalars) = self._update(self.state, minibatch)
+                update_stats.append(stats)
+                update_scalars.append(scalars)
         self.state = self.state.replace(step=self.state.step + 1)
         self.data_position += self.prompts_sampled_per_step
 
-        # 5. Metrics: means over the updates of this step; what `prepare` measured on the policy
-        # that sampled (its entropy) stands as it is.
+        # 5. Metrics. The updates' `Stat`s are sums and counts: added up, they give each metric over
+        # every token of every minibatch exactly (a mean of minibatch means would weigh a short
+        # minibatch like a long one). What `prepare` measured on the policy that sampled stands.
         metrics = {k: float(v) for k, v in metrics.items()}
-        for key in update_metrics[0]:
-            metrics.setdefault(key, float(np.mean([float(m[key]) for m in update_metrics])))
+        for key, stat in jax.tree.map(lambda *parts: sum(parts), *update_stats).items():
+            metrics.setdefault(key, float(stat.mean))
+        for key in update_scalars[0]:  # per update: loss/total, grad_norm
+            metrics[key] = float(np.mean([float(u[key]) for u in update_scalars]))
         scores, valid = np.asarray(batch.scores), np.asarray(batch.valid)
         lengths = np.asarray(batch.mask).sum(-1)
         finished = np.array([s.finished for s in samples])

@@ -127,8 +127,8 @@ def test_bandit_update_equals_the_reference(toy_config, algo):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_equal(grads, ref_grads)
     # The update the trainer applies is built from this very gradient.
-    _, metrics = trainer._update(trainer.state, train_batch)
-    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax_norm(ref_grads)), rtol=1e-4)
+    _, (_, scalars) = trainer._update(trainer.state, train_batch)
+    np.testing.assert_allclose(float(scalars["grad_norm"]), float(optax_norm(ref_grads)), rtol=1e-4)
 
 
 def optax_norm(tree):

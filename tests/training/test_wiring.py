@@ -131,3 +131,19 @@ def test_kl_metric_is_k1_of_the_sampling_policy_for_every_algorithm(toy_config, 
     np.testing.assert_allclose(measured["kl"], d.mean(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(measured["kl/objective"], estimator.mean(), rtol=1e-4, atol=1e-6)
     assert kind == {"grpo": "k3"}.get(algo, {"rloo": "k3", "ppo": "k2"}.get(algo, "k1"))
+
+
+def test_step_metrics_add_up_the_minibatches_sums(toy_config):
+    """With minibatches of different token counts, a metric is over all their tokens, not a mean of means."""
+    trainer = Trainer(toy_config("algo.num_minibatches=2", "rollout.max_new_tokens=8", algo="ppo"))
+    outputs = []
+    update = trainer._update
+    trainer._update = lambda *args: outputs.append(update(*args)) or outputs[-1]
+    metrics = trainer.step()
+    stats = [aux for _, (aux, _) in outputs]
+    assert len(stats) == 2 and float(stats[0]["clipfrac"].count) != float(stats[1]["clipfrac"].count)
+    for key in ("loss/policy", "clipfrac", "ratio", "advantage", "value/error"):
+        exact = sum(float(s[key].total) for s in stats) / sum(float(s[key].count) for s in stats)
+        np.testing.assert_allclose(metrics[key], exact, rtol=1e-5, err_msg=key)
+    mean_of_means = np.mean([float(s["value/error"].mean) for s in stats])
+    assert abs(mean_of_means - metrics["value/error"]) > 1e-6  # the two differ here: the test can tell
