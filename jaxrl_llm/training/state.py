@@ -2,7 +2,7 @@
 
 `params` holds what the optimizer trains: `{"policy": ...}` and, for PPO only,
 `{"critic": ...}`. `ref_params` is the frozen reference policy; it is never seen
-by the optimizer. `rng` is the run's base key: each step derives its own keys
+by the optimizer, and an algorithm without a reference term (RAFT) holds none. `rng` is the run's base key: each step derives its own keys
 with `fold_in(rng, step)`, so resuming at step n replays exactly the same keys.
 """
 
@@ -21,19 +21,19 @@ from jaxrl_llm.objectives import EMABaselineState, ema_baseline_init
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # RL steps completed (int32 scalar)
     params: dict[str, Any]  # {"policy": nnx.State, "critic": nnx.State (PPO only)}
-    ref_params: Any  # frozen reference policy (nnx.State)
+    ref_params: Any  # frozen reference policy (nnx.State), or None
     opt_state: Any  # optax state of `params`
     rng: jax.Array  # base PRNG key of the run
     baseline: EMABaselineState | None  # REINFORCE's EMA baseline, else None
 
     @classmethod
     def create(cls, *, policy_params, critic_params=None, optimizer: optax.GradientTransformation, seed: int,
-               ema_baseline: bool = False) -> "TrainState":
+               ema_baseline: bool = False, reference: bool = True) -> "TrainState":
         params = {"policy": policy_params}
         if critic_params is not None:
             params["critic"] = critic_params
         # A separate copy: the reference must not alias buffers the update donates.
-        ref_params = jax.tree.map(jnp.copy, policy_params)
+        ref_params = jax.tree.map(jnp.copy, policy_params) if reference else None
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -202,7 +202,8 @@ class Trainer:
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
-                                  ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema")
+                                  ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
+                                  reference=self.algorithm.uses_reference)
         self.state, self.state_shardings = self._place(state)
 
         # Compiled once: shapes are fixed by the config.

@@ -50,7 +50,8 @@ def reference_gradient(trainer, params, batch, reference_loss, *, old_params=Non
     run = jax.jit(lambda p: forward(trainer, p, batch))
     (logits, values), pull_back = jax.vjp(run, params)
     old_logits = None if old_params is None else as_torch(run(old_params)[0])
-    ref_logits = as_torch(run({"policy": trainer.state.ref_params})[0])
+    ref_params = trainer.state.ref_params  # None for RAFT
+    ref_logits = None if ref_params is None else as_torch(run({"policy": ref_params})[0])
     logits_t = as_torch(logits, True)
     values_t = None if values is None else as_torch(values, True)
     loss = reference_loss(logits=logits_t, old_logits=old_logits, ref_logits=ref_logits, values=values_t)

@@ -65,17 +65,22 @@ def test_four_devices_equal_one(toy_config, tmp_path, mesh, algo):
     assert_trees_equal(params_of(many), params_of(one), rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("algo,has_critic", [("rloo", False), ("ppo", True)])
-def test_value_head_only_in_ppo_checkpoints(toy_config, algo, has_critic):
+@pytest.mark.parametrize("algo,has_critic,has_reference", [("rloo", False, True), ("ppo", True, True),
+                                                            ("raft", False, False)])
+def test_value_head_only_in_ppo_checkpoints(toy_config, algo, has_critic, has_reference):
     trainer = Trainer(toy_config("train.steps=1", algo=algo))
     summary = trainer.run()
     if has_critic:
         assert {"loss/value", "value/error", "clipfrac"} <= set(summary)
     keys = Checkpointer(trainer.run_dir / "checkpoints").stored_keys()
     assert any(k.startswith("params/policy/") for k in keys)
-    assert any(k.startswith("ref_params/") for k in keys)
+    # RAFT has no reference term: no reference copy in memory or in the checkpoint.
+    assert any(k.startswith("ref_params/") for k in keys) == has_reference
+    assert (trainer.state.ref_params is not None) == has_reference
     assert any("critic" in k for k in keys) == has_critic
     assert ("critic" in trainer.state.params) == has_critic
+    resumed = Trainer(toy_config("train.steps=2", algo=algo), resume=True)  # and it restores
+    assert int(resumed.state.step) == 1
 
 
 def test_run_directory_has_metrics_checkpoint_tensorboard_and_plot(toy_config):
