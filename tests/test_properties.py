@@ -126,10 +126,13 @@ def test_chunked_token_logprobs_equal_unchunked(n, t, v, chunk_size, temperature
     tokens = rng.integers(0, v, size=(n, t))
     full = jaxrl_llm.token_logprobs(logits, tokens, temperature=temperature)
     chunked = jaxrl_llm.token_logprobs(logits, tokens, temperature=temperature, chunk_size=chunk_size)
-    np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-6)
+    # Two compiled programs may round logits / T differently (a division, or a product with 1/T):
+    # the answers can differ by the float32 resolution of the scaled logits (4e-6 at |z| = 50).
+    atol = 1e-6 + 2 * np.finfo(np.float32).eps * np.abs(logits / temperature).max()
+    np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=atol)
     np.testing.assert_allclose(
         jaxrl_llm.token_entropy(logits, temperature=temperature, chunk_size=chunk_size),
-        jaxrl_llm.token_entropy(logits, temperature=temperature), rtol=1e-5, atol=1e-6)
+        jaxrl_llm.token_entropy(logits, temperature=temperature), rtol=1e-5, atol=atol)
 
 
 @SETTINGS

@@ -86,11 +86,14 @@ def _logprob_and_entropy_rows(z, tokens, top_k, top_p, with_entropy=True):
     if _is_filtered(top_k, top_p):
         kept = kept_tokens(z, top_k=top_k, top_p=top_p) | (jnp.arange(z.shape[-1]) == tokens[:, None])
         z = jnp.where(kept, z, -jnp.inf)
-    log_normaliser = jax.nn.logsumexp(z, axis=-1)
-    target = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - log_normaliser
+    # Shifted by the row's max first, as log_softmax does: z - max loses nothing, where
+    # z[y] - logsumexp(z) would cancel the leading digits of two large numbers.
+    shifted = z - lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    target = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - log_normaliser
     if not with_entropy:
         return target, None
-    log_p = z - log_normaliser[:, None]
+    log_p = shifted - log_normaliser[:, None]
     if kept is not None:
         # p log p is 0 for removed tokens (p = 0); the inner `where` keeps 0 * -inf (NaN) out
         # of the gradient too.
