@@ -99,15 +99,16 @@ def torch_batch(batch):
 # -- the papers' formulas, from logits -------------------------------------------------------------
 
 
-def bandit_reference(batch, advantage_fn):
-    """REINFORCE / RLOO (Ahmadian et al. 2024): R = score - beta sum_t k1_t from the sampling
-    policy, A from `advantage_fn`, loss = -1/N sum_n A_n sum_t log pi(y_nt) - c * entropy bonus."""
+def bandit_reference(batch, advantage_fn, kl_kind="k1"):
+    """REINFORCE / RLOO (Ahmadian et al. 2024): R = score - beta sum_t kl_t (the `kl_kind` estimator,
+    from the sampling policy), A from `advantage_fn`, loss = -1/N sum_n A_n sum_t log pi(y_nt) -
+    c * entropy bonus."""
     scores, mask = torch_batch(batch)
 
     def loss(logits, ref_logits, **_):
         logp, entropy = logprobs_and_entropy(logits, batch.tokens)
         ref_logp, _ = logprobs_and_entropy(ref_logits, batch.tokens)
-        rewards = scores - KL_COEF * ((logp.detach() - ref_logp) * mask).sum(-1)
+        rewards = scores - KL_COEF * (ref.kl(logp.detach(), ref_logp, kl_kind) * mask).sum(-1)
         advantages = advantage_fn(rewards).detach()
         return (-(advantages * (logp * mask).sum(-1)).mean()
                 - ENTROPY_COEF * ((entropy * mask).sum(-1)).mean())
@@ -115,16 +116,17 @@ def bandit_reference(batch, advantage_fn):
     return loss
 
 
-@pytest.mark.parametrize("algo", ["rloo", "reinforce", "vanilla_pg"])
-def test_bandit_update_equals_the_reference(toy_config, algo):
-    trainer, batch, state, train_batch = setup(toy_config, algo, "algo.num_samples=4")
+@pytest.mark.parametrize("algo,kl_kind", [("rloo", "k1"), ("rloo", "k3"), ("reinforce", "k1"), ("vanilla_pg", "k1")])
+def test_bandit_update_equals_the_reference(toy_config, algo, kl_kind):
+    trainer, batch, state, train_batch = setup(toy_config, algo, "algo.num_samples=4", f"algo.kl_kind={kl_kind}")
     advantage_fn = {
         "rloo": lambda r: ref.rloo_advantages(r, K),
         "reinforce": lambda r: r - r.mean(),
         "vanilla_pg": lambda r: r,
     }[algo]
     loss, grads, aux = our_update(trainer, state.params, train_batch)
-    ref_loss, ref_grads = reference_gradient(trainer, state.params, batch, bandit_reference(batch, advantage_fn))
+    ref_loss, ref_grads = reference_gradient(trainer, state.params, batch,
+                                             bandit_reference(batch, advantage_fn, kl_kind))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_equal(grads, ref_grads)
     # The update the trainer applies is built from this very gradient.
