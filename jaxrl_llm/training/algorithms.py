@@ -241,10 +241,11 @@ class Algorithm:
         baseline_state = batch.baseline_state
         common = dict(aggregation=self.aggregation)
         clip = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, ratio_level=self.ratio_level)
+        # The public losses drop non-finite scores themselves (nonfinite_scores="mask").
+        nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
         if cfg.name in BANDIT and self.single_update:
             # The source document's estimator, through the public losses.
             bandit = dict(kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, nonfinite_scores="mask", **common)
-            nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
             if cfg.name == "rloo":
                 loss, aux = obj.rloo_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                           num_samples=cfg.num_samples, **bandit)
@@ -258,7 +259,6 @@ class Algorithm:
                 loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                                baseline=baseline, **bandit)
         elif cfg.name == "raft":
-            nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
             loss, aux = obj.raft_loss(fwd.logprobs, nan_if_invalid, rollout.mask, num_samples=cfg.num_samples,
                                       min_score=cfg.raft_min_score, nonfinite_scores="mask", **common)
         else:
