@@ -178,3 +178,55 @@ def test_sequence_ratio_clips_one_ratio_per_completion():
             x, x, adv.astype(np.float32), mask, ratio_level=level, aggregation=mode)[0])(old.astype(np.float32))
             for level in ("sequence", "token")}
         close(at_one["sequence"], at_one["token"], rtol=1e-5, atol=1e-7)
+
+
+# -- micro-batches (train.micro_batch_size) --------------------------------------------------------
+
+
+def _micro_batch_losses():
+    """Each public loss as `fn(batch, **options)`, with the options its micro-batches share."""
+    return {
+        "rloo": lambda b, **o: jaxrl_llm.rloo_loss(b["logprobs"], b["ref_logprobs"], b["scores"], b["mask"],
+                                                   num_samples=2, **o),
+        "reinforce": lambda b, baseline, **o: jaxrl_llm.reinforce_loss(
+            b["logprobs"], b["ref_logprobs"], b["scores"], b["mask"], baseline=baseline, **o),
+        "ppo": lambda b, **o: jaxrl_llm.ppo_loss(
+            b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], values=b["values"],
+            old_values=b["old_values"], returns=b["returns"], entropy=b["entropy"], entropy_coef=0.1, **o),
+        "grpo": lambda b, **o: jaxrl_llm.grpo_loss(b["logprobs"], b["old_logprobs"], b["ref_logprobs"],
+                                                   b["advantages"], b["mask"], **o),
+        "raft": lambda b, **o: jaxrl_llm.raft_loss(b["logprobs"], b["scores"], b["mask"], num_samples=2, **o),
+    }
+
+
+@pytest.mark.parametrize("aggregation", jaxrl_llm.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("name", ["rloo", "reinforce", "ppo", "grpo", "raft"])
+def test_micro_batch_losses_with_the_whole_denominator_add_up_to_the_whole_batch(name, aggregation):
+    from tests._batches import random_batch
+
+    rng = np.random.default_rng(3)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(rng, n=8, t=6).items()}
+    batch["advantages"] = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    fn = _micro_batch_losses()[name]
+    options = {"aggregation": aggregation}
+    seq_mask = None
+    if name == "reinforce":  # a micro-batch's own mean is not the batch's: the baseline is given
+        options["baseline"] = jnp.float32(0.3)
+    if name == "raft":
+        seq_mask = jaxrl_llm.raft_selection(batch["scores"], num_samples=2)
+    denominator = jaxrl_llm.loss_denominator(batch["mask"], aggregation, seq_mask=seq_mask)
+
+    def loss_of(logprobs, rows, **extra):
+        part = {k: v[rows] for k, v in batch.items()}
+        part["logprobs"] = logprobs[rows]
+        return fn(part, **options, **extra)[0]
+
+    whole_rows = jnp.arange(8)
+    whole, whole_grad = jax.value_and_grad(loss_of)(batch["logprobs"], whole_rows)
+    total, total_grad = 0.0, 0.0
+    for rows in (jnp.array([0, 1, 4, 5]), jnp.array([2, 3, 6, 7])):  # whole groups of 2
+        value, grad = jax.value_and_grad(loss_of)(batch["logprobs"], rows, denominator=denominator)
+        total, total_grad = total + value, total_grad + grad
+    assert float(jnp.abs(whole_grad).max()) > 1e-3
+    close(total, whole, rtol=1e-6, atol=1e-6)
+    close(total_grad, whole_grad, rtol=1e-6, atol=1e-7)

@@ -141,6 +141,18 @@ def loss_terms(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None):
     return jnp.sum(seq_weight * seq_losses), jnp.sum(seq_weight)
 
 
+def loss_denominator(mask, mode: str = "token-mean", *, seq_mask=None, axis_name=None):
+    """The denominator `aggregate_loss` divides by, from the mask alone (no loss needed).
+
+    Computed once on a whole batch and passed as `denominator=` to a loss called on each
+    micro-batch of it, it makes the micro-batch losses (and their gradients) add up to the
+    whole batch's exactly: gradient accumulation that leaves the objective unchanged.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    _, denominator = loss_terms(jnp.zeros_like(mask), mask, mode, seq_mask=seq_mask)
+    return psum_if(denominator, axis_name)
+
+
 def aggregate_loss(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None, denominator=None, axis_name=None):
     """Reduce a per-token loss `[N, T]` to a scalar; see `loss_terms` for the modes.
 

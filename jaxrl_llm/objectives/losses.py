@@ -67,7 +67,8 @@ def _scores_and_validity(scores, n, nonfinite_scores):
     return jnp.where(valid, scores, 0.0), valid.astype(jnp.float32)
 
 
-def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef, kl_kind, aggregation, nonfinite_scores, axis_name):
+def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef, kl_kind, aggregation, nonfinite_scores,
+                 denominator, axis_name):
     n, _ = _check_token_arrays(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
     keep = jnp.asarray(mask) > 0
@@ -79,8 +80,8 @@ def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef,
     )
     advantages = lax.stop_gradient(advantage_fn(seq_rewards, valid))
     loss, loss_stat = aggregate_loss(
-        -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, axis_name=axis_name
-    )
+        -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, denominator=denominator,
+        axis_name=axis_name)
     sampling_logprobs = lax.stop_gradient(logprobs)
     k1 = kl_penalty(sampling_logprobs, ref_logprobs, kind="k1")
     weights = jnp.ones((n,), jnp.float32) if valid is None else valid
@@ -111,6 +112,7 @@ def reinforce_loss(
     baseline=None,
     aggregation: str = "seq-mean-token-sum",
     nonfinite_scores: str = "raise",
+    denominator=None,
     axis_name=None,
 ):
     """REINFORCE with a baseline, the whole completion as one action (bandit).
@@ -135,6 +137,10 @@ def reinforce_loss(
       aggregation: see `aggregation.loss_terms`; the default reproduces the paper.
       nonfinite_scores: "raise" (ValueError when called eagerly on NaN/inf scores)
         or "mask" (drop those completions from the baseline, the loss and the metrics).
+      denominator: when this call sees one micro-batch of a larger batch, the whole batch's
+        `loss_denominator(mask, aggregation, seq_mask=valid)`: the micro-batch losses and
+        gradients then add up to the whole batch's (pass `baseline` too: a batch mean of one
+        micro-batch is not the batch's). None: this batch's own.
       axis_name: mapped axis the batch is split over (batch mean and loss
         denominators become global).
 
@@ -148,7 +154,7 @@ def reinforce_loss(
         logprobs, ref_logprobs, scores, mask,
         advantage_fn=lambda r, valid: reinforce_advantages(r, baseline=baseline, valid=valid, axis_name=axis_name),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
-        nonfinite_scores=nonfinite_scores, axis_name=axis_name,
+        nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
     )
 
 
@@ -163,6 +169,7 @@ def rloo_loss(
     kl_kind: str = "k1",
     aggregation: str = "seq-mean-token-sum",
     nonfinite_scores: str = "raise",
+    denominator=None,
     axis_name=None,
 ):
     """REINFORCE leave-one-out (RLOO): each sample's baseline is the mean of the other K-1.
@@ -176,8 +183,8 @@ def rloo_loss(
       logprobs, ref_logprobs, scores, mask: as in `reinforce_loss`, prompt-major
         in groups of `num_samples` (`[p0s0, p0s1, ..., p1s0, ...]`).
       num_samples: K >= 2; N must be divisible by K (per device, when split).
-      kl_coef, kl_kind, aggregation, nonfinite_scores, axis_name: as in
-        `reinforce_loss`. With "mask", the leave-one-out mean is over the valid
+      kl_coef, kl_kind, aggregation, nonfinite_scores, denominator, axis_name: as in
+        `reinforce_loss` (micro-batches must hold whole groups). With "mask", the leave-one-out mean is over the valid
         others; a sample with no valid other gets advantage 0.
 
     Returns:
@@ -187,7 +194,7 @@ def rloo_loss(
         logprobs, ref_logprobs, scores, mask,
         advantage_fn=lambda r, valid: rloo_advantages(r, num_samples=num_samples, valid=valid),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
-        nonfinite_scores=nonfinite_scores, axis_name=axis_name,
+        nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
     )
 
 
@@ -281,7 +288,8 @@ def _clipped_policy_loss(logprobs, old_logprobs, advantages, keep, *, ratio_leve
     return per_token, jnp.where(keep, advantages[:, None], 0.0), metrics
 
 
-def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="token-mean", axis_name=None):
+def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="token-mean", denominator=None,
+               axis_name=None):
     """Clipped value-function loss of PPO.
 
     v_clip = old_v + clip(v - old_v, -c, c),
@@ -294,7 +302,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="toke
       returns: `[N, T]` targets (e.g. from `gae`).
       mask: `[N, T]` completion mask.
       clip: c > 0, or None for no clipping.
-      aggregation, axis_name: as in `aggregate_loss`.
+      aggregation, denominator, axis_name: as in `aggregate_loss`.
 
     Returns:
       `(loss, aux)`; aux keys loss/value, value/error (mean squared error), value/clipfrac.
@@ -313,7 +321,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, aggregation="toke
         clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
         clipped_error = (clipped_values - returns) ** 2
         per_token, was_clipped = 0.5 * jnp.maximum(squared_error, clipped_error), clipped_error > squared_error
-    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, axis_name=axis_name)
+    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, denominator=denominator, axis_name=axis_name)
     aux = {
         "loss/value": loss_stat,
         "value/error": Stat.of(squared_error, keep, axis_name=axis_name),
@@ -340,6 +348,7 @@ def ppo_loss(
     entropy=None,
     entropy_coef: float = 0.0,
     aggregation: str = "token-mean",
+    denominator=None,
     axis_name=None,
 ):
     """PPO: clipped surrogate (per token or per completion), optional clipped value loss and entropy bonus.
@@ -370,6 +379,9 @@ def ppo_loss(
       entropy: optional `[N, T]` per-token entropy (`token_entropy`) for a bonus.
       entropy_coef: entropy bonus weight.
       aggregation: see `aggregation.loss_terms`.
+      denominator: the whole batch's `loss_denominator(mask, aggregation)` when this call sees
+        one micro-batch of it (shared by the policy, value and entropy terms, which aggregate
+        over the same mask); None: this batch's own.
       axis_name: mapped axis the batch is split over.
 
     Returns:
@@ -389,18 +401,18 @@ def ppo_loss(
         _masked_f32(logprobs, keep), lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,
         ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
         axis_name=axis_name)
-    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, axis_name=axis_name)
+    agg = dict(denominator=denominator, axis_name=axis_name)
+    loss, loss_stat = aggregate_loss(per_token, mask, aggregation, **agg)
     aux = {"loss/policy": loss_stat, "advantage": Stat.of(advantages, keep, axis_name=axis_name), **ratio_aux}
     if given:
         v_loss, v_aux = value_loss(
-            values, old_values, returns, mask, clip=value_clip, aggregation=aggregation, axis_name=axis_name
-        )
+            values, old_values, returns, mask, clip=value_clip, aggregation=aggregation, **agg)
         loss = loss + vf_coef * v_loss
         aux.update(v_aux)
     if entropy is not None:
         _checks.check_float("entropy", entropy)
         _checks.check_shape("entropy", entropy, shape, like="logprobs")
-        entropy_mean, entropy_stat = aggregate_loss(_masked_f32(entropy, keep), mask, aggregation, axis_name=axis_name)
+        entropy_mean, entropy_stat = aggregate_loss(_masked_f32(entropy, keep), mask, aggregation, **agg)
         if not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):  # no backward pass for a 0 bonus
             loss = loss - entropy_coef * entropy_mean
         aux["entropy"] = entropy_stat
@@ -420,6 +432,7 @@ def grpo_loss(
     kl_coef: float = 0.04,
     kl_kind: str = "k3",
     aggregation: str = "seq-mean-token-mean",
+    denominator=None,
     axis_name=None,
 ):
     """GRPO: the clipped surrogate with group-relative advantages and the KL *in the loss*.
@@ -439,7 +452,7 @@ def grpo_loss(
       ratio_level: "token" (the paper) or "sequence", as in `ppo_loss`.
       kl_coef: weight of the KL term (0 disables it).
       kl_kind: KL estimator ("k3" in the paper; k1 in the loss has zero expected gradient).
-      aggregation, axis_name: as in `ppo_loss`.
+      aggregation, denominator, axis_name: as in `ppo_loss`.
 
     Returns:
       `(loss, aux)`; aux keys loss/policy (surrogate + KL), clipfrac, approx_kl,
@@ -456,7 +469,8 @@ def grpo_loss(
         ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=None,
         axis_name=axis_name)
     kl = kl_penalty(logprobs, ref_logprobs, kind=kl_kind)
-    loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, axis_name=axis_name)
+    loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, denominator=denominator,
+                                     axis_name=axis_name)
     aux = {
         "loss/policy": loss_stat,
         "advantage": Stat.of(advantages, keep, axis_name=axis_name),
@@ -473,6 +487,21 @@ def best_of_group(scores, *, num_samples: int):
     return jnp.reshape(jax.nn.one_hot(jnp.argmax(grouped, axis=-1), k), (-1,))
 
 
+def raft_selection(scores, *, num_samples: int, min_score: float | None = None, valid=None):
+    """`[N]` 0/1: the completions RAFT trains on, the best valid one of each group if it
+    scores at least `min_score`. `valid` `[N]` 0/1 (None: all); invalid scores never win, and a
+    group with none valid selects nothing."""
+    scores = _checks.as_float(scores)
+    ranking = scores if valid is None else jnp.where(valid > 0, scores, -jnp.inf)
+    selected = best_of_group(ranking, num_samples=num_samples)
+    if valid is not None:
+        # A group with no valid score has argmax row 0 over all -inf: it selects nothing.
+        selected = selected * valid
+    if min_score is not None:
+        selected = selected * (scores >= min_score)
+    return selected
+
+
 def raft_loss(
     logprobs,
     scores,
@@ -482,6 +511,7 @@ def raft_loss(
     min_score: float | None = None,
     aggregation: str = "token-mean",
     nonfinite_scores: str = "raise",
+    denominator=None,
     axis_name=None,
 ):
     """RAFT: negative log-likelihood of the best of the K samples of each prompt.
@@ -500,6 +530,8 @@ def raft_loss(
       aggregation: see `aggregation.loss_terms` (only selected samples count).
       nonfinite_scores: "raise", or "mask" (a non-finite score is never selected, and a
         group whose scores are all non-finite trains on nothing).
+      denominator: the whole batch's `loss_denominator(mask, aggregation, seq_mask=selected)`
+        (`selected` from `raft_selection`) when this call sees one micro-batch of whole groups.
       axis_name: mapped axis the batch is split over.
 
     Returns:
@@ -508,17 +540,11 @@ def raft_loss(
     """
     n, _ = _check_token_arrays(mask, logprobs=logprobs)
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
-    ranking = scores if valid is None else jnp.where(valid > 0, scores, -jnp.inf)
-    selected = best_of_group(ranking, num_samples=num_samples)
-    if valid is not None:
-        # A group with no valid score has argmax row 0 over all -inf: it selects nothing.
-        selected = selected * valid
-    if min_score is not None:
-        selected = selected * (scores >= min_score)
+    selected = raft_selection(scores, num_samples=num_samples, min_score=min_score, valid=valid)
     keep = jnp.asarray(mask) > 0
     loss, loss_stat = aggregate_loss(
-        -_masked_f32(logprobs, keep), mask, aggregation, seq_mask=selected, axis_name=axis_name
-    )
+        -_masked_f32(logprobs, keep), mask, aggregation, seq_mask=selected, denominator=denominator,
+        axis_name=axis_name)
     weights = jnp.ones((n,), jnp.float32) if valid is None else valid
     aux = {
         "loss/policy": loss_stat,
@@ -537,4 +563,5 @@ __all__ = [
     "value_loss",
     "clipped_surrogate",
     "best_of_group",
+    "raft_selection",
 ]
