@@ -45,6 +45,22 @@ class CausalLM(nnx.Module):
         return transformers.AutoConfig.for_model(**cfg)
 
     # -- shared API -----------------------------------------------------------------------------
+    @property
+    def execution(self) -> layers.Execution:
+        """How the backbone runs (see ``set_execution``)."""
+        return self.backbone.execution
+
+    def set_execution(self, **options) -> CausalLM:
+        """Set the backbone's ``layers.Execution`` options: remat, scan_layers, attention, attention_block.
+
+        Real model sizes trade compute for activation memory (remat, blockwise or cuDNN attention)
+        and compile time (scan_layers); none changes the function computed. The options are static
+        (they live in the graphdef), so a jitted call compiles anew after a change. Unknown options
+        and invalid values raise ValueError. Returns the model, for chaining.
+        """
+        self.backbone.execution = self.backbone.execution.with_options(**options)
+        return self
+
     def hidden_states(
         self,
         input_ids: jax.Array,

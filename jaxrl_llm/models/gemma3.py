@@ -74,19 +74,20 @@ class Gemma3DecoderLayer(nnx.Module):
 
 
 class Gemma3TextModel(nnx.Module):
-    """Backbone: scaled embed_tokens -> layers -> norm."""
+    """Backbone: scaled embed_tokens -> layers -> norm. ``execution`` (static) says how the layers run."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         self.embed_scale = float(cfg.hidden_size**0.5)
         self.embed_tokens = layers.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Gemma3DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=True, dtype=dtype)
+        self.execution = layers.Execution()
 
     def __call__(self, input_ids, ctx, kv, *, last_only=False):
         x = self.embed_tokens(input_ids)
         # The scale is rounded to the embedding dtype first (sqrt(640) becomes 25.25 in bfloat16), as in transformers.
         x = x * jnp.asarray(self.embed_scale, jnp.float32).astype(x.dtype)
-        x, kv = layers.run_layers(self.layers, x, ctx, kv, last_only=last_only)
+        x, kv = layers.run_layers(self.layers, x, ctx, kv, last_only=last_only, execution=self.execution)
         return self.norm(x), kv
 
 

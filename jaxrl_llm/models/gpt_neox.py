@@ -62,7 +62,7 @@ class GPTNeoXLayer(nnx.Module):
 
 
 class GPTNeoXModel(nnx.Module):
-    """Backbone: embed_in -> layers -> final_layer_norm."""
+    """Backbone: embed_in -> layers -> final_layer_norm. ``execution`` (static) says how the layers run."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -70,9 +70,12 @@ class GPTNeoXModel(nnx.Module):
         self.embed_in = layers.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([GPTNeoXLayer(cfg, rope=rope, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.final_layer_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.execution = layers.Execution()
 
     def __call__(self, input_ids, ctx, kv, *, last_only=False):
-        x, kv = layers.run_layers(self.layers, self.embed_in(input_ids), ctx, kv, last_only=last_only)
+        x, kv = layers.run_layers(
+            self.layers, self.embed_in(input_ids), ctx, kv, last_only=last_only, execution=self.execution
+        )
         return self.final_layer_norm(x), kv
 
 

@@ -41,7 +41,7 @@ def _backbone_class(model_type: str):
 
 
 def run_backbone(backbone: nnx.Module, input_ids, attention_mask=None, positions=None) -> jax.Array:
-    """Final normed hidden states [B, S, D] of a bare backbone (no cache)."""
+    """Final normed hidden states [B, S, D] of a bare backbone (no cache), under its ``execution`` options."""
     input_ids = jnp.asarray(input_ids)
     attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
     positions = None if positions is None else jnp.asarray(positions)
@@ -88,6 +88,13 @@ class Critic(nnx.Module):
         self.layout = layout
         self.head = head
         self.backbone = backbone
+
+    def set_execution(self, **options) -> Critic:
+        """The separate critic's backbone options, as ``CausalLM.set_execution``; returns the critic."""
+        if self.layout == "shared":
+            raise ValueError("set_execution: the shared critic has no backbone; set the options on the policy")
+        self.backbone.execution = self.backbone.execution.with_options(**options)
+        return self
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, hidden=None) -> jax.Array:
         if self.layout == "shared":
@@ -167,6 +174,11 @@ class RewardModel(nnx.Module):
     @property
     def backbone(self) -> nnx.Module:
         return getattr(self, self.base_prefix)
+
+    def set_execution(self, **options) -> RewardModel:
+        """The backbone's options, as ``CausalLM.set_execution``; returns the reward model."""
+        self.backbone.execution = self.backbone.execution.with_options(**options)
+        return self
 
     def __call__(self, input_ids, attention_mask=None, positions=None) -> jax.Array:
         """Scores: [B] float32 for ``num_labels == 1``, else [B, num_labels]."""

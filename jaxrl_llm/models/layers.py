@@ -300,6 +300,88 @@ def empty_cache(*, num_layers: int, batch_size: int, max_length: int, num_kv_hea
     )
 
 
+# ----------------------------------------------------------------------------- execution options
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn")
+# The jax.checkpoint_policies attributes that are policies themselves (the others build one from names).
+REMAT_POLICIES = (
+    "everything_saveable",
+    "nothing_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
+REMAT_CHOICES = ("none", "layer", *REMAT_POLICIES)
+# "auto" keeps dense attention while one head's float32 scores [S, Lk] hold at most 256 x 256
+# entries (256 KiB): tests, short prompts and decode steps stay on the reference path.
+_DENSE_MAX_SCORES = 256 * 256
+
+
+class Execution(NamedTuple):
+    """How the decoder runs, not what it computes: memory and compile-time options (static, in the graphdef).
+
+    Every choice gives the same logits and gradients up to float rounding; they trade memory,
+    compute and compile time, which matter only at real model sizes.
+
+    remat: "none"; "layer" (``jax.checkpoint`` around each decoder layer: the backward pass
+      recomputes a layer from its input instead of keeping its activations); or the name of a
+      ``jax.checkpoint_policies`` policy (e.g. "dots_with_no_batch_dims_saveable") to keep what it
+      allows. Calls with a KV cache never remat (they are not differentiated). Pair it with
+      ``scan_layers``: in an unrolled loop XLA may schedule the recomputation early (XLA:CPU does,
+      and saves little), inside the scan each step recomputes only its own layer.
+    scan_layers: run the decoder layers under ``jax.lax.scan`` (calls without a KV cache, all
+      positions), so the layer is traced and compiled once however deep the model. The weights
+      stay stored per layer (their paths are the transformers keys) and are stacked at call time:
+      one extra copy of the decoder weights while the call runs, and a few small stack/unstack
+      ops per layer that still grow with depth.
+    attention: "dense" (all scores at once: the reference, best for decode steps), "blockwise"
+      (``attention_block`` query rows at a time, each block recomputed in the backward pass),
+      "cudnn" (cuDNN flash attention: CUDA GPU, bfloat16/float16, no soft-cap) or "auto"
+      (see ``attention_implementation``).
+    attention_block: query rows per block of "blockwise" attention.
+    """
+
+    remat: str = "none"
+    scan_layers: bool = False
+    attention: str = "auto"
+    attention_block: int = 512
+
+    def with_options(self, **options) -> Execution:
+        """A copy with ``options`` replaced, every field validated (ValueError naming the option)."""
+        unknown = sorted(set(options) - set(self._fields))
+        if unknown:
+            raise ValueError(f"execution options: got unknown {unknown}, expected some of {list(self._fields)}")
+        new = self._replace(**options)
+        if not isinstance(new.remat, str) or new.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat: got {new.remat!r}, expected one of {REMAT_CHOICES}")
+        if not isinstance(new.scan_layers, bool):
+            raise ValueError(f"scan_layers: got {new.scan_layers!r}, expected True or False")
+        if not isinstance(new.attention, str) or new.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention: got {new.attention!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
+        if new.attention == "cudnn" and not on_cuda_gpu():
+            raise ValueError(
+                f"attention: got 'cudnn', which needs a CUDA GPU; the default backend is {jax.default_backend()!r} "
+                "(use 'auto', 'blockwise' or 'dense')"
+            )
+        block = new.attention_block
+        if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 1:
+            raise ValueError(f"attention_block: got {block!r}, expected a positive integer")
+        return new._replace(attention_block=int(block))
+
+
+def on_cuda_gpu() -> bool:
+    """True when JAX computes on an NVIDIA GPU (where cuDNN attention exists)."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:  # ROCm is also the "gpu" backend, without cuDNN
+        from jax.extend import backend
+
+        return "rocm" not in backend.get_backend().platform_version.lower()
+    except Exception:  # noqa: BLE001 - an unknown client: assume CUDA, JAX raises if not
+        return True
+
+
 class Context(NamedTuple):
     """Per-call attention bookkeeping shared by every layer of one forward pass.
 
@@ -310,6 +392,7 @@ class Context(NamedTuple):
     attend_cache: True when attention reads keys/values from the cache (slots 0..Lk-1); False
       when it reads only the new tokens' (no cache, or a fresh cache that holds nothing else).
     max_position: static bound on ``positions`` when they are the default ones (None when given).
+    execution: the backbone's ``Execution`` options (``run_layers`` sets it), read by attention.
     """
 
     q_slot: jax.Array
@@ -318,6 +401,7 @@ class Context(NamedTuple):
     cache_index: jax.Array | None
     attend_cache: bool = False
     max_position: int | None = None
+    execution: Execution = Execution()
 
 
 def make_context(
@@ -394,15 +478,101 @@ def dot_product_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> jax.Array:
-    """Causal, padding-masked grouped-query attention.
+    """Causal, padding-masked grouped-query attention, by the implementation ``ctx.execution`` picks.
 
     Query i (slot ``ctx.q_slot[i]``) sees key slot j iff ``j <= q_slot[i]``, ``ctx.kv_valid[b, j]``,
     and, for a sliding-window layer, ``j > q_slot[i] - sliding_window`` (transformers' index-based window).
+    Every implementation computes this same function (``dense_attention`` is the reference); they
+    differ in memory and speed (see ``attention_implementation``).
 
     Args:
       q: [B, S, H, Dh]; k, v: [B, K, Lk, Dh] (heads-major, as the KV cache) with H a multiple of K.
     Returns:
-      [B, S, H, Dh] in q's dtype. Scores are computed in q's dtype, the softmax in float32.
+      [B, S, H, Dh] in q's dtype.
+    """
+    seq, kv_len = q.shape[1], k.shape[2]
+    implementation = attention_implementation(
+        ctx.execution.attention,
+        seq=seq,
+        kv_len=kv_len,
+        self_attention=not ctx.attend_cache and seq == kv_len,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        softcap=softcap,
+    )
+    options = dict(scale=scale, sliding_window=sliding_window)
+    if implementation == "cudnn":
+        return cudnn_attention(q, k, v, ctx, **options)
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, ctx, softcap=softcap, block=ctx.execution.attention_block, **options)
+    return dense_attention(q, k, v, ctx, softcap=softcap, **options)
+
+
+def attention_implementation(
+    choice: str,
+    *,
+    seq: int,
+    kv_len: int,
+    self_attention: bool,
+    dtype,
+    head_dim: int,
+    softcap: float | None,
+    on_gpu: bool | None = None,
+) -> str:
+    """The implementation ("dense", "blockwise" or "cudnn") that ``choice`` means for one attention call.
+
+    "auto" takes cuDNN where its flash kernel applies (a CUDA GPU, bfloat16/float16, no soft-cap,
+    S > 1 new tokens attending to each other, head width a multiple of 8 up to 128); else dense when
+    one head's scores are small (S == 1 or S * Lk <= 256 * 256: decode steps, short sequences);
+    else blockwise. An explicit "cudnn" falls back the same way on calls that read a KV cache or
+    query one position (decode, ``last_only``): cuDNN's sequence-length masks describe only tokens
+    that attend to each other. ``on_gpu`` overrides the backend check (tests).
+    """
+    if choice not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention: got {choice!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
+    on_gpu = on_cuda_gpu() if on_gpu is None else on_gpu
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if choice == "cudnn":
+        if not on_gpu:
+            raise ValueError(
+                f"attention: got 'cudnn', which needs a CUDA GPU; the default backend is {jax.default_backend()!r}"
+            )
+        if softcap is not None:
+            raise ValueError(f"attention: got 'cudnn' for a layer with soft-capping ({softcap}); cuDNN has none")
+        if not half:
+            raise ValueError(f"attention: got 'cudnn' with {jnp.dtype(dtype)} activations, expected bfloat16/float16")
+    if choice in ("dense", "blockwise"):
+        return choice
+    flash = self_attention and seq > 1
+    if choice == "cudnn" and flash:
+        return "cudnn"
+    if choice == "auto" and flash and on_gpu and half and softcap is None and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "dense" if seq == 1 or seq * kv_len <= _DENSE_MAX_SCORES else "blockwise"
+
+
+def attention_mask(q_slot: jax.Array, kv_valid: jax.Array, *, kv_len: int, sliding_window: int | None) -> jax.Array:
+    """[B, S, Lk] bool: which key slots each query sees (the rule ``dot_product_attention`` states)."""
+    kv_slot = jnp.arange(kv_len)
+    allowed = kv_slot[None, :] <= q_slot[:, None]  # [S, Lk]
+    if sliding_window is not None:
+        allowed = allowed & (kv_slot[None, :] > q_slot[:, None] - sliding_window)
+    return allowed[None, :, :] & kv_valid[:, None, :]
+
+
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ctx: Context,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """``dot_product_attention`` with every head's scores [B, K, G, S, Lk] at once: the reference.
+
+    Scores are computed in q's dtype, the softmax in float32, as transformers' eager attention.
     """
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -412,15 +582,103 @@ def dot_product_attention(
     scores = scores.astype(jnp.float32)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    kv_slot = jnp.arange(k.shape[2])
-    allowed = kv_slot[None, :] <= ctx.q_slot[:, None]  # [S, Lk]
-    if sliding_window is not None:
-        allowed = allowed & (kv_slot[None, :] > ctx.q_slot[:, None] - sliding_window)
-    allowed = allowed[None, :, :] & ctx.kv_valid[:, None, :]  # [B, S, Lk]
+    allowed = attention_mask(ctx.q_slot, ctx.kv_valid, kv_len=k.shape[2], sliding_window=sliding_window)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(batch, seq, heads, head_dim)
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ctx: Context,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    block: int = 512,
+) -> jax.Array:
+    """``dense_attention`` on ``block`` query rows at a time; the backward pass recomputes each block.
+
+    Peak memory holds one block's scores [B, K, G, block, Lk] instead of [B, K, G, S, Lk], forward
+    and backward: ``jax.checkpoint`` keeps only each block's inputs for the backward pass. S is
+    padded to a multiple of ``block`` with queries at slot -1, which see no key (finite, as any
+    fully masked row) and are dropped.
+    """
+    batch, seq, heads, head_dim = q.shape
+    block = min(block, seq)
+    n_blocks = -(-seq // block)
+    pad = n_blocks * block - seq
+    q_slot = ctx.q_slot
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_slot = jnp.concatenate([q_slot, jnp.full((pad,), -1, q_slot.dtype)])
+    q_blocks = jnp.moveaxis(q.reshape(batch, n_blocks, block, heads, head_dim), 1, 0)
+
+    @jax.checkpoint
+    def one_block(args):
+        q_block, slot_block = args
+        block_ctx = ctx._replace(q_slot=slot_block)
+        return dense_attention(q_block, k, v, block_ctx, scale=scale, sliding_window=sliding_window, softcap=softcap)
+
+    out = jax.lax.map(one_block, (q_blocks, q_slot.reshape(n_blocks, block)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, n_blocks * block, heads, head_dim)[:, :seq]
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ctx: Context,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """``dot_product_attention`` of S tokens attending to each other, by cuDNN's flash attention.
+
+    cuDNN takes padding as sequence lengths (real tokens first), not as a mask: an explicit
+    boolean mask becomes an additive bias, and the bias gradient JAX 0.10 then asks for exists
+    only for batch 1 (jax-ml/jax#30593). So each row is rotated left by its leading padding, which
+    right-pads it without changing causal order or window distances among its real tokens, and
+    attention runs with ``is_causal`` + sequence lengths + ``local_window_size``. This needs each
+    row's real tokens to be contiguous (left and/or right padding, the layout of every caller
+    here); a row with a hole gives NaN, loudly, instead of wrong numbers. Padding rows give 0.
+    ``implementation="xla"`` runs the same construction with JAX's reference kernel (tests).
+
+    Args:
+      q: [B, S, H, Dh]; k, v: [B, K, S, Dh] heads-major, for the same S tokens (``ctx.q_slot`` is
+        0..S-1 and ``ctx.kv_valid`` [B, S] marks the real ones).
+    """
+    batch, seq, heads, head_dim = q.shape
+    if k.shape[2] != seq:
+        raise ValueError(f"cudnn_attention: got {seq} queries and {k.shape[2]} keys, expected the same tokens")
+    valid = ctx.kv_valid
+    length = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    first = jnp.argmax(valid, axis=1).astype(jnp.int32)  # 0 for a row without real tokens
+    last = seq - 1 - jnp.argmax(valid[:, ::-1], axis=1).astype(jnp.int32)
+    contiguous = (length == 0) | (last - first + 1 == length)
+    slots = jnp.arange(seq, dtype=jnp.int32)[None, :]
+
+    def rotate(x, shift):  # x [B, S, heads, Dh]: row b's slot t takes slot (t + shift[b]) % S
+        return jnp.take_along_axis(x, ((slots + shift[:, None]) % seq)[:, :, None, None], axis=1)
+
+    lengths = jnp.maximum(length, 1)  # an all-padding row attends to one (padding) key; zeroed below
+    out = jax.nn.dot_product_attention(
+        rotate(q, first),
+        rotate(jnp.swapaxes(k, 1, 2), first),
+        rotate(jnp.swapaxes(v, 1, 2), first),
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
+        implementation=implementation,
+    )
+    out = jnp.where(valid[:, :, None, None], rotate(out, -first), 0)
+    return jnp.where(contiguous[:, None, None, None], out, jnp.nan).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -504,19 +762,93 @@ def rotary_attention(q, k, v, ctx: Context, kv, *, rope: RopeSpec, last_only: bo
     return dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_ctx, **attention_options), kv
 
 
-def run_layers(decoder_layers, x: jax.Array, ctx: Context, kv, *, last_only: bool = False):
+def run_layers(
+    decoder_layers, x: jax.Array, ctx: Context, kv, *, last_only: bool = False, execution: Execution = Execution()
+):
     """Apply decoder layers in order; ``kv`` is None or one (k, v) cache pair per layer.
 
     With ``last_only``, the final layer computes its output for the last position only (every
     layer still writes every position's keys and values): a prefill needs nothing else.
+    ``execution`` (the backbone's options) reaches attention through ``ctx``; without a cache the
+    layers run under ``execution.remat`` and, for all positions, ``execution.scan_layers``.
     Returns (x [B, S or 1, D], new kv list or None).
     """
+    ctx = ctx._replace(execution=execution)
+    if kv is None and not last_only and execution.scan_layers:
+        return scan_layers(decoder_layers, x, ctx, remat=execution.remat), None
     new_kv = []
     last = len(decoder_layers) - 1
     for i, layer in enumerate(decoder_layers):
-        x, layer_kv = layer(x, ctx, None if kv is None else kv[i], last_only=last_only and i == last)
-        new_kv.append(layer_kv)
+        layer_last_only = last_only and i == last
+        if kv is None and execution.remat != "none":
+            graphdef, state = nnx.split(layer)
+            x = _layer_fn(graphdef, ctx, remat=execution.remat, last_only=layer_last_only)(state, x)
+            new_kv.append(None)
+        else:
+            x, layer_kv = layer(x, ctx, None if kv is None else kv[i], last_only=layer_last_only)
+            new_kv.append(layer_kv)
     return x, (None if kv is None else new_kv)
+
+
+def _layer_fn(graphdef, ctx: Context, *, remat: str, last_only: bool = False):
+    """``(layer state, x) -> x``: one decoder layer without a cache as a pure function, under ``remat``.
+
+    A pure function of the layer's state, so ``jax.checkpoint`` and ``jax.lax.scan`` see the weights as
+    explicit inputs (saved or sliced), not as constants captured from the enclosing trace.
+    """
+
+    def apply(state, x):
+        out, _ = nnx.merge(graphdef, state)(x, ctx, None, last_only=last_only)
+        return out
+
+    if remat == "none":
+        return apply
+    if remat == "layer":  # keep only the layer's inputs; recompute everything else
+        return jax.checkpoint(apply)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat: got {remat!r}, expected one of {REMAT_CHOICES}")
+    return jax.checkpoint(apply, policy=getattr(jax.checkpoint_policies, remat))
+
+
+def layer_period(graphdefs) -> int:
+    """Smallest P with layer i structurally identical to layer i % P for every i (the repeating pattern)."""
+    n = len(graphdefs)
+    return next(p for p in range(1, n + 1) if all(graphdefs[i] == graphdefs[i % p] for i in range(n)))
+
+
+def scan_layers(decoder_layers, x: jax.Array, ctx: Context, *, remat: str = "none") -> jax.Array:
+    """Decoder layers without a cache under ``jax.lax.scan``: one traced layer group however deep the model.
+
+    Layers repeat with period P (P = 1 when identical; Gemma 3 alternates 5 sliding-window layers
+    and 1 global one, P = 6): the scan runs over the n // P whole groups, with their per-layer
+    weights stacked at call time, and the n % P layers left over run after it, unrolled.
+    Raises ValueError when the pattern does not repeat at least twice (nothing to scan over).
+    """
+    graphdefs, states = zip(*(nnx.split(layer) for layer in decoder_layers))
+    n = len(graphdefs)
+    period = layer_period(graphdefs)
+    groups = n // period
+    if groups < 2 and n > 1:
+        differs = next(i for i in range(n) if graphdefs[i] != graphdefs[0])
+        raise ValueError(
+            f"scan_layers: needs identical decoder layers (or a pattern repeating at least twice); layer {differs} "
+            f"differs from layer 0 in structure or static attributes (e.g. its sliding window or RoPE). "
+            "Use scan_layers=False for this model."
+        )
+    fns = [_layer_fn(graphdefs[j], ctx, remat=remat) for j in range(period)]
+
+    def group(x, group_states):
+        for fn, state in zip(fns, group_states):
+            x = fn(state, x)
+        return x, None
+
+    stacked = tuple(
+        jax.tree.map(lambda *leaves: jnp.stack(leaves), *states[j : groups * period : period]) for j in range(period)
+    )
+    x, _ = jax.lax.scan(group, x, stacked)
+    for i in range(groups * period, n):
+        x = fns[i % period](states[i], x)
+    return x
 
 
 class GatedMLP(nnx.Module):

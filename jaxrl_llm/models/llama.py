@@ -77,7 +77,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Backbone: embed_tokens -> layers -> norm."""
+    """Backbone: embed_tokens -> layers -> norm. ``execution`` (static) says how the layers run."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         rope = layers.rope_spec(
@@ -88,9 +88,12 @@ class LlamaModel(nnx.Module):
             [LlamaDecoderLayer(cfg, i, rope=rope, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)]
         )
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.execution = layers.Execution()
 
     def __call__(self, input_ids, ctx, kv, *, last_only=False):
-        x, kv = layers.run_layers(self.layers, self.embed_tokens(input_ids), ctx, kv, last_only=last_only)
+        x, kv = layers.run_layers(
+            self.layers, self.embed_tokens(input_ids), ctx, kv, last_only=last_only, execution=self.execution
+        )
         return self.norm(x), kv
 
 
