@@ -4,6 +4,9 @@ Families: Llama (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), GPT-NeoX (Pythia), Gemma
 Heads for RL: ``ValueHead`` / ``make_critic`` (PPO) and ``RewardModel`` (sequence classification).
 """
 
+import jax
+import jax.numpy as jnp
+
 from jaxrl_llm.models.base import CausalLM
 from jaxrl_llm.models.heads import (
     Critic,
@@ -30,6 +33,23 @@ def hidden_states(model: CausalLM, input_ids, attention_mask=None, positions=Non
     return hidden
 
 
+def cast_floating(tree, dtype):
+    """Every floating-point leaf of a parameter pytree in `dtype` (integers, keys and None as they are).
+
+    Mixed precision: the optimizer keeps float32 master parameters and the forward pass runs on
+    this cast (`dtype` bfloat16); the cast is differentiable, so gradients arrive in float32.
+    `dtype=None` returns the tree unchanged.
+    """
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
 def unembedding_matrix(model: CausalLM):
     """[D, V] matrix W with ``logits = softcap(hidden @ W)``; see ``CausalLM.unembed``."""
     return model.unembedding_matrix()
@@ -38,6 +58,7 @@ def unembedding_matrix(model: CausalLM):
 __all__ = [
     "CausalLM",
     "Critic",
+    "cast_floating",
     "KVCache",
     "RewardModel",
     "ValueHead",
