@@ -29,6 +29,19 @@ clipped surrogate of `ppo_loss` / `grpo_loss`. `algo.ratio_level` says what one 
 `sequence` (the default for reinforce, vanilla_pg and rloo) clips one ratio per completion,
 exp(sum_t log pi - log pi_old), as TRL's RLOO does, so the whole completion stays one action;
 `token` (the default for ppo and grpo) clips each token's ratio.
+
+Micro-batches (`train.micro_batch_size`): every forward pass of `prepare` and every
+forward/backward of an update runs on micro-batches of whole prompt groups, and the
+update's gradient is their sum. What spans the whole batch is fixed first, on the whole
+batch: the loss denominators (`loss_denominator`), REINFORCE's baseline, GRPO's and PPO's
+advantages (whitening is batch-wide). So the update equals the one-pass update and the
+algorithm never changes with the micro-batch size; only memory and time do.
+
+Mixed precision (`model.dtype` bfloat16, `model.param_dtype` float32): the parameters and
+the optimizer state stay float32; each forward pass runs on a bfloat16 cast of them (the
+cast is differentiable, so gradients arrive in float32). Logits, log-softmax, KL,
+advantages and every objective are float32. The frozen reference is stored in the compute
+dtype: it is only ever read by forward passes.
 """
 
 from __future__ import annotations
@@ -77,6 +90,8 @@ class RolloutBatch(NamedTuple):
 
 
 class TrainBatch(NamedTuple):
+    """What the updates of one RL step read; the optional fields are fixed by `prepare`."""
+
     rollout: RolloutBatch
     old_logprobs: jax.Array | None  # [N, T] sampling policy at its temperature (None: one update, the loss's own)
     ref_logprobs: jax.Array | None  # [N, T] (None: RAFT, which has no reference term)
@@ -84,6 +99,9 @@ class TrainBatch(NamedTuple):
     baseline_state: obj.EMABaselineState | None  # REINFORCE's EMA baseline (before this batch if the loss advances it)
     old_values: jax.Array | None  # [N, T] PPO with several updates only
     returns: jax.Array | None  # [N, T] PPO with several updates only
+    # REINFORCE's baseline for this batch, fixed in `prepare` when the update is split into
+    # micro-batches (a micro-batch's own mean is not the batch's); None: the loss computes it.
+    baseline: jax.Array | None = None
 
 
 class Forward(NamedTuple):
@@ -107,10 +125,11 @@ def completion_slice(x, rollout: RolloutBatch):
 
 
 def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chunk_size, top_k=0,
-                   top_p=1.0) -> Forward:
+                   top_p=1.0, compute_dtype=None) -> Forward:
     """Log-probabilities and entropies of the completion tokens under the sampling distribution
-    (its temperature and top-k / top-p set; pass the defaults for a reference policy)."""
-    model = nnx.merge(graphdef, params)
+    (its temperature and top-k / top-p set; pass the defaults for a reference policy), with the
+    forward pass in `compute_dtype` (None: the parameters' own)."""
+    model = nnx.merge(graphdef, models.cast_floating(params, compute_dtype))
     ids, attention = sequence_inputs(rollout)
     hidden = models.hidden_states(model, ids, attention)
     # Straight from hidden states: the [N, T, V] logits exist only chunk_size rows at a time.
@@ -121,9 +140,9 @@ def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chun
     return Forward(logprobs, entropy, hidden)
 
 
-def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_hidden):
+def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_hidden, compute_dtype=None):
     """V(s_t) for each completion token t: the critic's value at the position before it."""
-    critic = nnx.merge(critic_graphdef, critic_params)
+    critic = nnx.merge(critic_graphdef, models.cast_floating(critic_params, compute_dtype))
     if critic.layout == "shared":
         values = critic(hidden=policy_hidden)
     else:
@@ -133,35 +152,68 @@ def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_
 
 
 class Algorithm:
-    """The prepare/loss pair of one algorithm, closed over the model graph and the config."""
+    """The prepare/loss pair of one algorithm, closed over the model graph and the config.
+
+    `compute_dtype`: the dtype of every forward pass (None: the parameters' own);
+    `micro_batch_size`: sequences per forward/backward pass (None: the whole batch at once).
+    """
 
     def __init__(self, algo: AlgoConfig, *, graphdef, critic_graphdef=None, temperature: float,
-                 chunk_size: int | None, top_k: int = 0, top_p: float = 1.0):
+                 chunk_size: int | None, top_k: int = 0, top_p: float = 1.0, compute_dtype=None,
+                 micro_batch_size: int | None = None):
         self.cfg = algo
         self.graphdef = graphdef
         self.critic_graphdef = critic_graphdef
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p
         self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype
+        self.micro_batch_size = micro_batch_size
         self.aggregation = algo.aggregation or DEFAULT_AGGREGATION[algo.name]
         self.kl_kind = algo.kl_kind or default_kl_kind(algo.name)
         self.ratio_level = algo.ratio_level or default_ratio_level(algo.name)
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
         self.uses_reference = algo.name != "raft"
-        # RAFT's loss reads no "old" log-probabilities; the others need them once for several updates.
-        self.needs_old_forward = not self.single_update and algo.name != "raft"
         if (algo.name == "ppo") != (critic_graphdef is not None):
             raise ValueError("A critic is built for PPO and only for PPO.")
+        if micro_batch_size is not None and micro_batch_size % algo.num_samples:
+            raise ValueError(f"`train.micro_batch_size`: got {micro_batch_size}, expected a multiple of "
+                             f"algo.num_samples={algo.num_samples} (micro-batches hold whole prompt groups).")
+
+    def num_micro_batches(self, num_sequences: int) -> int:
+        """How many micro-batches a batch of `num_sequences` runs in (1: the whole batch)."""
+        size = self.micro_batch_size
+        if size is None or size >= num_sequences:
+            return 1
+        if num_sequences % size:
+            raise ValueError(f"`train.micro_batch_size`: got {size}, expected a divisor of the {num_sequences} "
+                             "sequences of each update (rollout.prompts_per_step * algo.num_samples / "
+                             "algo.num_minibatches).")
+        return num_sequences // size
+
+    def needs_old_forward(self, num_sequences: int) -> bool:
+        """Whether `prepare` runs the policy before the updates: for the "old" log-probabilities of
+        several updates, or, with one update in micro-batches, for what spans the batch and needs
+        the policy's log-probabilities (REINFORCE's baseline, PPO's whitened GAE advantages)."""
+        if self.cfg.name == "raft":
+            return False
+        if not self.single_update:
+            return True
+        return self.num_micro_batches(num_sequences) > 1 and self.cfg.name in ("reinforce", "ppo")
 
     def _forward(self, params, rollout):
         return policy_forward(self.graphdef, params, rollout, temperature=self.temperature,
-                              chunk_size=self.chunk_size, top_k=self.top_k, top_p=self.top_p)
+                              chunk_size=self.chunk_size, top_k=self.top_k, top_p=self.top_p,
+                              compute_dtype=self.compute_dtype)
+
+    def _values(self, critic_params, rollout, policy_hidden):
+        return critic_values(self.critic_graphdef, critic_params, rollout, policy_hidden, self.compute_dtype)
 
     def _reference_logprobs(self, ref_params, rollout):
         # The reference is the frozen base policy's full softmax (at the sampling temperature):
         # a top-k / top-p set of its own would give sampled tokens log-probability -inf.
         ref = policy_forward(self.graphdef, ref_params, rollout, temperature=self.temperature,
-                             chunk_size=self.chunk_size)
+                             chunk_size=self.chunk_size, compute_dtype=self.compute_dtype)
         return jax.lax.stop_gradient(ref.logprobs)
 
     def _ema_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):
@@ -169,6 +221,14 @@ class Algorithm:
         seq_rewards = obj.sequence_rewards(rollout.scores, sampling_logprobs, ref_logprobs, rollout.mask,
                                            kl_coef=self.cfg.kl_coef, kind=self.kl_kind)
         return obj.ema_baseline_update(baseline_state, seq_rewards, decay=self.cfg.ema_decay, valid=rollout.valid)
+
+    def _reinforce_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):
+        """`(baseline_state, b)`: REINFORCE's baseline over the whole batch (EMA or batch mean)."""
+        if self.cfg.baseline == "ema":
+            return self._ema_baseline(baseline_state, rollout, sampling_logprobs, ref_logprobs)
+        seq_rewards = obj.sequence_rewards(rollout.scores, sampling_logprobs, ref_logprobs, rollout.mask,
+                                           kl_coef=self.cfg.kl_coef, kind=self.kl_kind)
+        return baseline_state, obj.masked_mean(seq_rewards, rollout.valid)
 
     def _advantages(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs, old_values):
         """`(advantages, returns or None, baseline_state)` from the sampling policy's log-probabilities."""
@@ -201,45 +261,101 @@ class Algorithm:
         return jax.lax.stop_gradient((advantages, returns)) + (baseline_state,)
 
     # -- before the updates: ref logprobs; with several updates also old logprobs, values, advantages --
+    def _prepare_forwards(self, state, rollout: RolloutBatch, with_policy: bool) -> dict:
+        """The forward passes of `prepare`, micro-batch by micro-batch: reference log-probabilities
+        and, `with_policy`, the policy's log-probabilities, entropies and (PPO) values."""
+
+        def forwards(rows: RolloutBatch) -> dict:
+            out = {}
+            if self.uses_reference:
+                out["ref_logprobs"] = self._reference_logprobs(state.ref_params, rows)
+            if with_policy:
+                old = self._forward(state.params["policy"], rows)
+                out.update(old_logprobs=old.logprobs, entropy=old.entropy)
+                if self.cfg.name == "ppo":
+                    out["old_values"] = self._values(state.params["critic"], rows, old.hidden)
+            return jax.lax.stop_gradient(out)
+
+        num_micro = self.num_micro_batches(rollout.tokens.shape[0])
+        if num_micro == 1:
+            return forwards(rollout)
+        k = self.cfg.num_samples
+        out = jax.lax.map(forwards, split_micro_batches(rollout, num_micro, k))
+        return jax.tree.map(lambda x: merge_micro_batches(x, k), out)
+
     def prepare(self, state, rollout: RolloutBatch):
-        ref_logprobs = self._reference_logprobs(state.ref_params, rollout) if self.uses_reference else None
-        if not self.needs_old_forward:
-            # The loss differentiates the policy that sampled: it computes the rest itself.
-            return state, TrainBatch(rollout, None, ref_logprobs, None, state.baseline, None, None), {}
-        old = self._forward(state.params["policy"], rollout)
-        old_logprobs = jax.lax.stop_gradient(old.logprobs)
-        old_values = None
-        if self.cfg.name == "ppo":
-            old_values = jax.lax.stop_gradient(
-                critic_values(self.critic_graphdef, state.params["critic"], rollout, old.hidden))
-        advantages, returns, baseline_state = self._advantages(state.baseline, rollout, old_logprobs,
-                                                               ref_logprobs, old_values)
-        state = state.replace(baseline=baseline_state)
+        num_sequences = rollout.tokens.shape[0]
+        with_policy = self.needs_old_forward(num_sequences)
+        out = self._prepare_forwards(state, rollout, with_policy)
+        ref_logprobs = out.get("ref_logprobs")
+        batch = TrainBatch(rollout, None, ref_logprobs, None, state.baseline, None, None)
+        if self.single_update and self.num_micro_batches(num_sequences) > 1:
+            # One update in micro-batches: the loss still differentiates the policy that sampled,
+            # but what spans the batch is fixed here, on the whole batch.
+            if self.cfg.name == "reinforce":
+                baseline_state, baseline = self._reinforce_baseline(state.baseline, rollout, out["old_logprobs"],
+                                                                    ref_logprobs)
+                state = state.replace(baseline=baseline_state)
+                batch = batch._replace(baseline_state=baseline_state, baseline=baseline)
+            elif self.cfg.name in ("grpo", "ppo"):
+                advantages, returns, _ = self._advantages(state.baseline, rollout, out.get("old_logprobs"),
+                                                          ref_logprobs, out.get("old_values"))
+                batch = batch._replace(advantages=advantages, returns=returns)
+        elif with_policy:
+            old_logprobs, old_values = out["old_logprobs"], out.get("old_values")
+            advantages, returns, baseline_state = self._advantages(state.baseline, rollout, old_logprobs,
+                                                                   ref_logprobs, old_values)
+            state = state.replace(baseline=baseline_state)
+            batch = TrainBatch(rollout, old_logprobs, ref_logprobs, advantages, baseline_state, old_values, returns)
+        if not with_policy:
+            # The loss differentiates the policy that sampled: it measures the rest itself.
+            return state, batch, {}
         token_mask = rollout.mask * rollout.valid[:, None]
         # Measured once on the whole batch, on the policy that sampled (the minibatches' own
         # means would not average to it).
-        metrics = {"entropy": obj.masked_mean(old.entropy, token_mask)}
-        metrics.update({key: stat.mean for key, stat in self._kl_metrics(old_logprobs, ref_logprobs, token_mask).items()})
-        batch = TrainBatch(rollout, old_logprobs, ref_logprobs, advantages, baseline_state, old_values, returns)
+        metrics = {"entropy": obj.masked_mean(out["entropy"], token_mask)}
+        kl = self._kl_metrics(out["old_logprobs"], ref_logprobs, token_mask)
+        metrics.update({key: stat.mean for key, stat in kl.items()})
         return state, batch, metrics
 
     # -- the differentiated loss ---------------------------------------------------------------
-    def loss(self, params, batch: TrainBatch):
-        """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
-        baseline after this batch (None unless REINFORCE with `baseline: ema`)."""
+    def loss_denominators(self, batch: TrainBatch) -> dict:
+        """The whole batch's loss denominators: `policy` for the objective, `bonus` for the entropy
+        bonus (see `loss_denominator`). Passed to `loss` on each micro-batch, they make the
+        micro-batch losses add up to the whole batch's."""
         cfg, rollout = self.cfg, batch.rollout
+        valid = rollout.valid.astype(jnp.float32)
+        bonus = obj.loss_denominator(rollout.mask * valid[:, None], self.aggregation)
+        if cfg.name in BANDIT and self.single_update:  # the public bandit losses weigh sequences by validity
+            policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
+        elif cfg.name == "raft":
+            selected = obj.raft_selection(jnp.where(rollout.valid, rollout.scores, 0.0), num_samples=cfg.num_samples,
+                                          min_score=cfg.raft_min_score, valid=valid)
+            policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=selected)
+        else:
+            policy = bonus
+        return {"policy": policy, "bonus": bonus}
+
+    def loss(self, params, batch: TrainBatch, denominators: dict | None = None):
+        """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
+        baseline after this batch (None unless REINFORCE with `baseline: ema`). `denominators`
+        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it."""
+        cfg, rollout = self.cfg, batch.rollout
+        denominators = denominators or {"policy": None, "bonus": None}
         mask = rollout.mask * rollout.valid[:, None]
         fwd = self._forward(params["policy"], rollout)
         values = None
         if cfg.name == "ppo":
-            values = critic_values(self.critic_graphdef, params["critic"], rollout, fwd.hidden)
-        # With one update the policy that sampled is this one: its log-probs (and values) are the old ones.
-        if self.single_update:
-            old_logprobs, old_values = jax.lax.stop_gradient((fwd.logprobs, values))
-        else:
-            old_logprobs, old_values = batch.old_logprobs, batch.old_values
+            values = self._values(params["critic"], rollout, fwd.hidden)
+        # With one update the policy that sampled is this one: its log-probs (and values) are the
+        # old ones, unless `prepare` already measured them.
+        old_logprobs, old_values = batch.old_logprobs, batch.old_values
+        if old_logprobs is None:
+            old_logprobs = jax.lax.stop_gradient(fwd.logprobs)
+        if old_values is None and values is not None:
+            old_values = jax.lax.stop_gradient(values)
         baseline_state = batch.baseline_state
-        common = dict(aggregation=self.aggregation)
+        common = dict(aggregation=self.aggregation, denominator=denominators["policy"])
         clip = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, ratio_level=self.ratio_level)
         # The public losses drop non-finite scores themselves (nonfinite_scores="mask").
         nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
@@ -250,10 +366,10 @@ class Algorithm:
                 loss, aux = obj.rloo_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                           num_samples=cfg.num_samples, **bandit)
             else:
-                baseline = None  # batch mean
+                baseline = batch.baseline  # fixed in `prepare` for micro-batches; None: batch mean
                 if cfg.name == "vanilla_pg":
                     baseline = jnp.zeros(())
-                elif cfg.baseline == "ema":
+                elif cfg.baseline == "ema" and baseline is None:
                     baseline_state, baseline = self._ema_baseline(baseline_state, rollout, old_logprobs,
                                                                   batch.ref_logprobs)
                 loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
@@ -263,7 +379,7 @@ class Algorithm:
                                       min_score=cfg.raft_min_score, nonfinite_scores="mask", **common)
         else:
             advantages, returns = batch.advantages, batch.returns
-            if self.single_update:
+            if advantages is None:
                 advantages, returns, baseline_state = self._advantages(
                     baseline_state, rollout, old_logprobs, batch.ref_logprobs, old_values)
             if cfg.name == "grpo":
@@ -277,11 +393,42 @@ class Algorithm:
             else:  # reinforce, vanilla_pg, rloo with several updates
                 loss, aux = obj.ppo_loss(fwd.logprobs, old_logprobs, advantages, mask, **clip, **common)
         if cfg.entropy_coef and cfg.name != "ppo":  # ppo_loss has the bonus inside
-            entropy_term, _ = obj.aggregate_loss(fwd.entropy, mask, self.aggregation)
+            entropy_term, _ = obj.aggregate_loss(fwd.entropy, mask, self.aggregation,
+                                                 denominator=denominators["bonus"])
             loss = loss - cfg.entropy_coef * entropy_term
         aux["entropy"] = obj.aggregate_loss(fwd.entropy, mask, "token-mean")[1]
         aux.update(self._kl_metrics(old_logprobs, batch.ref_logprobs, mask))
         return loss, (aux, baseline_state)
+
+    def value_and_grad(self, params, batch: TrainBatch):
+        """`((loss, (aux, baseline_state)), grads)` of `loss` on `batch`, micro-batch by micro-batch.
+
+        The micro-batches' losses use the whole batch's denominators, so their sum is the whole
+        batch's loss and the sum of their gradients (accumulated in float32) its gradient; the
+        `Stat`s of `aux` add up exactly.
+        """
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        num_micro = self.num_micro_batches(batch.rollout.tokens.shape[0])
+        if num_micro == 1:
+            return grad_fn(params, batch)
+        denominators = self.loss_denominators(batch)
+        # Scalars (the baseline and its state) are shared by every micro-batch; rows are split.
+        shared = dict(baseline_state=batch.baseline_state, baseline=batch.baseline)
+        rows = split_micro_batches(batch._replace(baseline_state=None, baseline=None), num_micro,
+                                   self.cfg.num_samples)
+
+        def micro_step(micro):
+            (loss, (aux, _)), grads = grad_fn(params, micro._replace(**shared), denominators)
+            return loss, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+        def accumulate(total, micro):
+            return jax.tree.map(jnp.add, total, micro_step(micro)), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], rows)))
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, rows)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return (loss, (aux, batch.baseline_state)), grads
 
     def _kl_metrics(self, sampling_logprobs, ref_logprobs, mask):
         """One definition of `kl` for every algorithm: the k1 estimate of KL(pi || pi_ref) per valid
@@ -293,6 +440,26 @@ class Algorithm:
         if self.cfg.name != "grpo":
             metrics["kl/objective"] = Stat.of(obj.kl_penalty(sampling_logprobs, ref_logprobs, kind=self.kl_kind), mask)
         return metrics
+
+
+def split_micro_batches(tree, num_micro: int, num_samples: int):
+    """Every `[N, ...]` leaf as `[num_micro, N / num_micro, ...]`, whole prompt groups per
+    micro-batch. Micro-batch m takes groups m, m + M, m + 2M, ...: the contiguous rows each
+    device holds then feed every micro-batch equally, so no micro-batch waits on one device."""
+
+    def split(x):
+        groups = x.shape[0] // num_samples
+        x = x.reshape(groups // num_micro, num_micro, num_samples, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(num_micro, -1, *x.shape[3:])
+
+    return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(x, num_samples: int):
+    """The inverse of `split_micro_batches` for one `[M, N / M, ...]` array."""
+    num_micro, rows = x.shape[:2]
+    x = x.reshape(num_micro, rows // num_samples, num_samples, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape(num_micro * rows, *x.shape[3:])
 
 
 def minibatch_indices(key, num_prompts: int, num_samples: int, num_minibatches: int):

@@ -29,7 +29,22 @@ class ModelConfig:
 
     path: str = "builtin:tiny_arithmetic"  # a local HF directory, a GGUF file/dir, or "builtin:tiny_arithmetic"
     gguf_file: str | None = None  # GGUF file name inside `path`, when `path` is a directory of GGUF files
+    # The dtype every forward and backward pass computes in. bfloat16 is mixed precision: the
+    # parameters and optimizer state stay in `param_dtype` (float32), logits, log-softmax, KL and
+    # the objectives are float32.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # The dtype of the trained (master) parameters and the optimizer state. bfloat16 halves their
+    # memory, but AdamW steps below a bfloat16 ulp (lr 1e-6 on weights of size 0.02) round away.
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Activation checkpointing of each decoder layer: "none", "layer" (keep only each layer's
+    # input, recompute the rest in the backward pass), or a `jax.checkpoint_policies` name
+    # (e.g. "dots_with_no_batch_dims_saveable").
+    remat: str = "none"
+    scan_layers: bool = False  # run identical decoder layers under a scan: compile time independent of depth
+    # Attention kernel: "auto" (cuDNN flash attention on GPU in bf16, else blockwise for long
+    # sequences), "dense", "blockwise" (query blocks, no [S, S] scores for all heads at once), "cudnn".
+    attention: Literal["auto", "dense", "blockwise", "cudnn"] = "auto"
+    attention_block: int = 512  # query rows per block of the blockwise attention
 
 
 @dataclass
@@ -106,6 +121,8 @@ class RolloutConfig:
     top_p: float = 1.0
     # Token ids that end a completion besides the tokenizer's and the model's generation config's EOS.
     stop_token_ids: list[int] = field(default_factory=list)
+    # Sequences the sampler generates at once (a multiple of algo.num_samples); None: all of a step's.
+    micro_batch_size: int | None = None
 
 
 @dataclass
@@ -135,6 +152,10 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     logprob_chunk_size: int | None = 4096  # rows per chunk of the vocabulary log-softmax
+    # Sequences per forward/backward pass (a multiple of algo.num_samples dividing each update's
+    # batch); gradients are accumulated with the whole batch's loss denominators, so the update
+    # is the same as in one pass. None: the whole batch at once.
+    micro_batch_size: int | None = None
     progress: bool = True
     plot: bool = True
     tensorboard: bool = True
@@ -272,6 +293,7 @@ def validate(config: Config) -> Config:
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
         (config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, ">= 1"),
+        (config.model.attention_block >= 1, "model.attention_block", config.model.attention_block, ">= 1"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),
     ]
     for ok, name, value, expected in checks:
@@ -282,6 +304,17 @@ def validate(config: Config) -> Config:
                          "(GAE gives one advantage per token, and a sequence ratio needs one per completion).")
     if a.ratio_level is not None and a.name == "raft":
         raise ValueError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected None for raft (it has no ratio).")
+    sequences = r.prompts_per_step * a.num_samples
+    update_sequences = sequences // a.num_minibatches
+    if t.micro_batch_size is not None and (t.micro_batch_size < 1 or t.micro_batch_size % a.num_samples
+                                           or update_sequences % t.micro_batch_size):
+        raise ValueError(f"`train.micro_batch_size`: got {t.micro_batch_size}, expected a multiple of "
+                         f"algo.num_samples={a.num_samples} that divides the {update_sequences} sequences of "
+                         "each update (micro-batches hold whole prompt groups).")
+    if r.micro_batch_size is not None and (r.micro_batch_size < 1 or r.micro_batch_size % a.num_samples):
+        raise ValueError(f"`rollout.micro_batch_size`: got {r.micro_batch_size}, expected a multiple of "
+                         f"algo.num_samples={a.num_samples} (the sampler generates whole prompt groups).")
+    _check_remat(config.model.remat)
     if any(i < 0 for i in r.stop_token_ids):
         raise ValueError(f"`rollout.stop_token_ids`: got {r.stop_token_ids!r}, expected non-negative token ids.")
     if a.aggregation is not None:
@@ -293,6 +326,14 @@ def validate(config: Config) -> Config:
         if term.kind != "task" and not term.target:
             raise ValueError(f"`reward.terms[{i}].target`: got None, expected a target for a {term.kind!r} reward.")
     return config
+
+
+def _check_remat(remat: str) -> None:
+    from jaxrl_llm.models.layers import REMAT_CHOICES
+
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"`model.remat`: got {remat!r}, expected 'none', 'layer' or one of the "
+                         f"jax.checkpoint_policies {list(REMAT_CHOICES[2:])}.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxrl_llm import models
 from jaxrl_llm.objectives import EMABaselineState, ema_baseline_init
 
 
@@ -28,12 +29,16 @@ class TrainState(struct.PyTreeNode):
 
     @classmethod
     def create(cls, *, policy_params, critic_params=None, optimizer: optax.GradientTransformation, seed: int,
-               ema_baseline: bool = False, reference: bool = True) -> "TrainState":
+               ema_baseline: bool = False, reference: bool = True, reference_dtype=None) -> "TrainState":
+        """`reference_dtype`: the dtype of the frozen reference's floating parameters (the compute
+        dtype under mixed precision: it is only read by forward passes); None: the policy's."""
         params = {"policy": policy_params}
         if critic_params is not None:
             params["critic"] = critic_params
-        # A separate copy: the reference must not alias buffers the update donates.
-        ref_params = jax.tree.map(jnp.copy, policy_params) if reference else None
+        ref_params = None
+        if reference:
+            # A separate copy: the reference must not alias buffers the update donates.
+            ref_params = jax.tree.map(jnp.copy, models.cast_floating(policy_params, reference_dtype))
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -29,10 +29,16 @@ How this departs from the algorithms as papers state them:
 
 Multi-device: `jax.jit` over a `(data, fsdp)` mesh; the batch is split over all
 devices, parameters and optimizer state are replicated (`fsdp=1`) or sharded.
+Real sizes: `model.dtype: bfloat16` computes in bf16 over float32 master weights
+and AdamW state; `train.micro_batch_size` accumulates gradients over micro-batches
+without changing the update; `model.remat`, `model.scan_layers` and
+`model.attention` trade compute and compile time for memory; `jaxrl-llm plan`
+(training/plan.py) says what a configuration needs per device before it runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -77,10 +83,20 @@ def resolve_model_path(config: Config) -> tuple[str, str | None]:
     return path, gguf_file
 
 
+def compute_dtype(config: Config):
+    """The dtype of the forward passes when it differs from the stored parameters' (mixed
+    precision), else None: the parameters are used as they are."""
+    m = config.model
+    return None if m.dtype == m.param_dtype else jnp.dtype(m.dtype)
+
+
 def load_policy(config: Config):
+    """The policy (parameters in `model.param_dtype`, execution options set) and its tokenizer."""
     directory, gguf_file = resolve_model_path(config)
-    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
-    policy = models.from_pretrained(directory, dtype=dtype, gguf_file=gguf_file)
+    m = config.model
+    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.param_dtype), gguf_file=gguf_file)
+    policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
+                         attention_block=m.attention_block)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -166,6 +182,16 @@ def informative_rows(scores, valid, num_samples: int, num_groups: int) -> np.nda
     return (groups[:, None] * num_samples + np.arange(num_samples)).reshape(-1)
 
 
+def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch):
+    """One optimizer step on `batch` (micro-batch by micro-batch when configured):
+    `(new state, (aux Stats, {"loss/total", "grad_norm"}))`."""
+    (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    scalars = {"loss/total": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), (aux, scalars)
+
+
 # -- the trainer ----------------------------------------------------------------------------------
 
 
@@ -196,19 +222,22 @@ class Trainer:
         if c.algo.name == "ppo":
             critic = models.make_critic(policy, c.algo.critic, rngs=nnx.Rngs(c.train.seed))
             critic_graphdef, critic_params = nnx.split(critic)
+        self.compute_dtype = compute_dtype(c)
         self.algorithm = Algorithm(c.algo, graphdef=self.graphdef, critic_graphdef=critic_graphdef,
                                    temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
-                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p)
+                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
+                                   micro_batch_size=c.train.micro_batch_size)
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
                                   ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
-                                  reference=self.algorithm.uses_reference)
+                                  reference=self.algorithm.uses_reference, reference_dtype=self.compute_dtype)
         self.state, self.state_shardings = self._place(state)
 
         # Compiled once: shapes are fixed by the config.
         self._prepare = jax.jit(self.algorithm.prepare, donate_argnums=0)
-        self._update = jax.jit(self._update_fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        self._update = jax.jit(functools.partial(update_step, self.algorithm, self.optimizer), donate_argnums=0,
+                               out_shardings=(self.state_shardings, None))
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=c.train.keep_checkpoints)
         self.data_position = 0
@@ -227,26 +256,26 @@ class Trainer:
         shardings = jax.tree.map(lambda x: parallel.param_sharding(x, self.mesh), state)
         return jax.device_put(state, shardings), shardings
 
-    def _update_fn(self, state: TrainState, batch):
-        (loss, (aux, baseline_state)), grads = jax.value_and_grad(self.algorithm.loss, has_aux=True)(
-            state.params, batch)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        scalars = {"loss/total": loss, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), (aux, scalars)
-
     # -- generation and scoring ---------------------------------------------------------------
     def _sample(self, examples, key, *, num_samples, temperature):
-        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.config.rollout.prompt_length)
-        sharding = parallel.batch_sharding(self.mesh)
-        if len(examples) % (self.mesh.size) == 0:
-            ids, mask = jax.device_put((ids, mask), sharding)
-        policy = nnx.merge(self.graphdef, self.state.params["policy"])
+        """K completions of each example's prompt, `rollout.micro_batch_size` sequences at a time."""
         r = self.config.rollout
-        return generate(policy, ids, mask, max_new_tokens=r.max_new_tokens, rng=key, num_samples=num_samples,
-                        temperature=temperature, top_k=r.top_k if temperature else 0,
-                        top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
-                        pad_token_id=self.tokenizer.pad_token_id)
+        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], r.prompt_length)
+        policy = nnx.merge(self.graphdef, models.cast_floating(self.state.params["policy"], self.compute_dtype))
+        prompts_per_call = len(examples) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
+        parts = []
+        for i, start in enumerate(range(0, len(examples), prompts_per_call)):
+            part = ids[start:start + prompts_per_call], mask[start:start + prompts_per_call]
+            if len(part[0]) % self.mesh.size == 0:
+                part = jax.device_put(part, parallel.batch_sharding(self.mesh))
+            parts.append(generate(
+                policy, *part, max_new_tokens=r.max_new_tokens, rng=jax.random.fold_in(key, i) if i else key,
+                num_samples=num_samples, temperature=temperature, top_k=r.top_k if temperature else 0,
+                top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.tokenizer.pad_token_id, cache_dtype=self.compute_dtype))
+        if len(parts) == 1:
+            return parts[0]
+        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
 
     def _score(self, examples, rollout, num_samples):
         tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
