@@ -1,0 +1,203 @@
+"""`jaxrl-llm plan`: how much memory each device needs for a run, before anything is allocated.
+
+The trainer's own programs (the sampler, `prepare`, one update) are compiled ahead of time for
+abstract inputs (`jax.ShapeDtypeStruct`: shapes, dtypes and shardings, no data) on a mesh of N
+fake CPU devices, and XLA's memory analysis of each compiled program is read per device:
+
+    arguments + outputs - donated (aliased) + temporaries = the program's peak
+
+`model.path` may be a directory that holds only `config.json`: no weights are read. The peaks
+are XLA:CPU's; an accelerator's compiler fuses and schedules differently (and CPU may hold
+bfloat16 intermediates in float32), so read them as a plan with a margin, not a guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrl_llm import models, parallel
+from jaxrl_llm.rollout import generate
+from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch
+from jaxrl_llm.training.config import Config
+from jaxrl_llm.training.state import TrainState
+from jaxrl_llm.training.trainer import compute_dtype, make_optimizer, resolve_model_path, update_step
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+    """XLA's per-device memory analysis of one compiled program, in bytes."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Make JAX start with `count` CPU devices and no accelerator: call before any JAX computation."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def _hf_config(config: Config):
+    directory, gguf_file = resolve_model_path(config)
+    if gguf_file is None and not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"`model.path`: {directory!r} has no config.json (the plan reads only the model's shape).")
+    return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+
+
+def abstract_setup(config: Config, mesh):
+    """`(algorithm, optimizer, abstract TrainState with shardings, graphdef)` with nothing allocated."""
+    c = config
+    hf_config = _hf_config(c)
+    policy = nnx.eval_shape(lambda: models.from_config(hf_config, dtype=jnp.dtype(c.model.param_dtype)))
+    m = c.model
+    policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
+                         attention_block=m.attention_block)
+    graphdef, policy_params = nnx.split(policy)
+    critic_graphdef = critic_params = None
+    if c.algo.name == "ppo":
+        critic = nnx.eval_shape(lambda: models.make_critic(
+            models.from_config(hf_config, dtype=jnp.dtype(m.param_dtype)), c.algo.critic, rngs=nnx.Rngs(0)))
+        if c.algo.critic == "separate":
+            critic.set_execution(**policy.execution._asdict())
+        critic_graphdef, critic_params = nnx.split(critic)
+    dtype = compute_dtype(c)
+    algorithm = Algorithm(c.algo, graphdef=graphdef, critic_graphdef=critic_graphdef,
+                          temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
+                          top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=dtype,
+                          micro_batch_size=c.train.micro_batch_size)
+    optimizer = make_optimizer(c)
+    state = jax.eval_shape(lambda p, q: TrainState.create(
+        policy_params=p, critic_params=q, optimizer=optimizer, seed=c.train.seed,
+        ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
+        reference=algorithm.uses_reference, reference_dtype=dtype), policy_params, critic_params)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.param_sharding(x, mesh)),
+                         state)
+    return algorithm, optimizer, state, graphdef
+
+
+def _rows(x, rows: int, mesh):
+    """An abstract `[rows, ...]` array split over the mesh (scalars replicated)."""
+    if not x.shape:
+        return jax.ShapeDtypeStruct((), x.dtype, sharding=parallel.replicated(mesh))
+    return jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype, sharding=parallel.batch_sharding(mesh))
+
+
+def _memory(name: str, compiled) -> ProgramMemory:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this JAX backend gives no memory analysis of compiled programs")
+    return ProgramMemory(name, int(analysis.argument_size_in_bytes), int(analysis.output_size_in_bytes),
+                         int(analysis.alias_size_in_bytes), int(analysis.temp_size_in_bytes))
+
+
+PROGRAMS = ("generate", "prepare", "update")
+
+
+def plan(config: Config, *, devices: int, programs=PROGRAMS) -> dict:
+    """Compile the run's sampler, `prepare` and update (or the named `programs`) for `devices`
+    devices; returns `{"programs": [ProgramMemory, ...], "state_bytes": per-device train state, ...}`."""
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ValueError(f"`programs`: got unknown {unknown}, expected some of {list(PROGRAMS)}.")
+    c = config
+    if c.rollout.prompt_length is None:
+        raise ValueError("`rollout.prompt_length`: got None, expected the prompt width in tokens (the plan has "
+                         "no data to measure it from).")
+    available = jax.devices()
+    if len(available) < devices:
+        raise ValueError(f"`--devices`: got {devices}, but JAX has {len(available)} devices "
+                         "(call use_fake_cpu_devices before JAX starts).")
+    mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp, devices=available[:devices])
+    n = c.rollout.prompts_per_step * c.algo.num_samples
+    parallel.check_batch_divisible(n, mesh, "rollout.prompts_per_step * algo.num_samples")
+    algorithm, optimizer, state, graphdef = abstract_setup(c, mesh)
+    p, t = c.rollout.prompt_length, c.rollout.max_new_tokens
+    split = parallel.batch_sharding(mesh)
+    rollout = RolloutBatch(
+        prompt_ids=jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=split),
+        prompt_mask=jax.ShapeDtypeStruct((n, p), jnp.int32, sharding=split),
+        tokens=jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=split),
+        mask=jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=split),
+        scores=jax.ShapeDtypeStruct((n,), jnp.float32, sharding=split),
+        valid=jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=split),
+    )
+    measured = []
+    if "generate" in programs:
+        measured.append(_memory("generate", _lower_generate(c, graphdef, state, mesh).compile()))
+    if "prepare" in programs:
+        prepare = jax.jit(algorithm.prepare, donate_argnums=0)
+        measured.append(_memory("prepare", prepare.lower(state, rollout).compile()))
+    update_rows = n // (1 if algorithm.single_update else c.algo.num_minibatches)
+    if "update" in programs:
+        _, train_batch, _ = jax.eval_shape(algorithm.prepare, state, rollout)
+        train_batch = jax.tree.map(lambda x: _rows(x, update_rows, mesh), train_batch)
+        update = jax.jit(lambda s, b: update_step(algorithm, optimizer, s, b), donate_argnums=0)
+        measured.append(_memory("update", update.lower(state, train_batch).compile()))
+    state_bytes = sum(_per_device_bytes(x) for x in jax.tree.leaves(state))
+    return {"programs": measured, "state_bytes": state_bytes, "mesh": dict(mesh.shape), "sequences": n,
+            "update_sequences": update_rows}
+
+
+def _per_device_bytes(x) -> int:
+    shard = x.sharding.shard_shape(x.shape)
+    return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+
+
+def _lower_generate(c: Config, graphdef, state, mesh):
+    """The sampler's program for one call (`rollout.micro_batch_size` sequences, or all)."""
+    r, k = c.rollout, c.algo.num_samples
+    sequences = r.micro_batch_size or r.prompts_per_step * k
+    prompts = max(sequences // k, 1)
+    hf_config = _hf_config(c)
+    eos = hf_config.eos_token_id if hf_config.eos_token_id is not None else 0
+    dtype = compute_dtype(c)
+    # As the trainer: prompts split over every device (each samples its own rows) when they divide.
+    split_rows = prompts % mesh.size == 0
+    split = parallel.batch_sharding(mesh) if split_rows else parallel.replicated(mesh)
+
+    def sample(params, ids, mask, key):
+        policy = nnx.merge(graphdef, models.cast_floating(params, dtype))
+        out = generate(policy, ids, mask, max_new_tokens=r.max_new_tokens, rng=key, num_samples=k,
+                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_token_id=eos,
+                       pad_token_id=0, cache_dtype=dtype, mesh=mesh if split_rows else None)
+        return out.tokens, out.mask, out.logprobs
+
+    ids = jax.ShapeDtypeStruct((prompts, r.prompt_length), jnp.int32, sharding=split)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+    return jax.jit(sample).lower(state.params["policy"], ids, ids, key)
+
+
+def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
+    """The plan as a table: one row per program, bytes per device."""
+    lines = [f"mesh {result['mesh']}, {result['sequences']} sequences per step "
+             f"({result['update_sequences']} per update); per-device train state "
+             f"{result['state_bytes'] / GiB:.2f} GiB",
+             f"{'program':<10}{'arguments':>12}{'outputs':>12}{'donated':>12}{'temporaries':>14}{'peak':>12}  (GiB per device)"]
+    for m in result["programs"]:
+        lines.append(f"{m.name:<10}{m.arguments / GiB:>12.2f}{m.outputs / GiB:>12.2f}{m.aliased / GiB:>12.2f}"
+                     f"{m.temporaries / GiB:>14.2f}{m.peak / GiB:>12.2f}")
+    peak = max((m.peak for m in result["programs"]), default=result["state_bytes"])
+    if device_memory_gb is not None:
+        verdict = "fits" if peak <= device_memory_gb * 1e9 else "does NOT fit"
+        lines.append(f"largest peak {peak / GiB:.2f} GiB: {verdict} in {device_memory_gb:g} GB per device")
+    return "\n".join(lines)
+
+
+__all__ = ["ProgramMemory", "format_plan", "plan", "use_fake_cpu_devices"]

@@ -1,0 +1,66 @@
+"""`jaxrl-llm plan`: the run's programs compiled for abstract inputs, XLA's memory read per device."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxrl_llm.training import load_config
+from jaxrl_llm.training.plan import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_1B = ROOT / "benchmarks" / "model_configs" / "llama-3.2-1b"
+
+
+def test_plan_of_the_published_1b_config_on_8_fake_devices():
+    """The CLI end to end, in a fresh process (fake devices must be set before JAX starts): a
+    directory holding only config.json is enough, and nothing of the model's size is allocated."""
+    assert sorted(os.listdir(LLAMA_1B)) == ["config.json"]
+    command = [sys.executable, "-m", "jaxrl_llm.cli", "plan", "--devices", "8", "--device-memory-gb", "80",
+               f"model.path={LLAMA_1B}", "mesh.fsdp=8", "model.dtype=bfloat16", "model.remat=layer",
+               "model.scan_layers=true", "rollout.prompts_per_step=8", "algo.num_samples=4",
+               "rollout.prompt_length=64", "rollout.max_new_tokens=64", "train.micro_batch_size=16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "mesh {'data': 1, 'fsdp': 8}" in out
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()
+            if line.split() and line.split()[0] in ("generate", "prepare", "update")}
+    assert set(rows) == {"generate", "prepare", "update"}
+    state_gib = float(out.split("per-device train state ")[1].split()[0])
+    # 1.24B parameters: float32 master (4 B) + AdamW (8 B) + bfloat16 reference (2 B), over 8 devices.
+    assert 1.8 < state_gib < 2.2, out
+    assert rows["update"][1] == pytest.approx(state_gib, abs=0.02)  # the update's output is the new state
+    assert "fits in 80 GB per device" in out
+
+
+def test_plan_says_what_each_memory_lever_saves(tiny_policy_dir):
+    """On the tiny model (one process, its 4 test devices): micro-batches and remat shrink the
+    update's temporaries, and PPO's separate critic costs a second set of weights and AdamW state."""
+
+    def peaks(*overrides, programs=("update",)):
+        config = load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompts_per_step=8",
+                                    "algo.num_samples=4", "rollout.prompt_length=16", "rollout.max_new_tokens=16",
+                                    "mesh.fsdp=2", *overrides])
+        result = plan(config, devices=4, programs=programs)
+        return {m.name: m for m in result["programs"]}, result["state_bytes"]
+
+    whole, rloo_state = peaks(programs=("prepare", "update"))
+    micro, _ = peaks("train.micro_batch_size=4", programs=("prepare", "update"))
+    assert micro["update"].temporaries < whole["update"].temporaries
+    assert micro["prepare"].temporaries < whole["prepare"].temporaries
+    scanned, _ = peaks("model.scan_layers=true")
+    remat, _ = peaks("model.scan_layers=true", "model.remat=layer")
+    assert remat["update"].temporaries < scanned["update"].temporaries
+    _, ppo_state = peaks("algo.name=ppo", "algo.critic=separate", programs=())
+    # PPO adds a critic (float32 + AdamW, 12 B per weight) next to RLOO's policy (12 B) and
+    # reference (4 B here, float32 compute): close to (12 + 12 + 4) / (12 + 4).
+    assert 1.6 < ppo_state / rloo_state < 1.8
+
+
+def test_plan_needs_the_prompt_width(tiny_policy_dir):
+    with pytest.raises(ValueError, match="rollout.prompt_length"):
+        plan(load_config(None, [f"model.path={tiny_policy_dir}"]), devices=1)
