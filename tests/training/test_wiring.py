@@ -147,3 +147,25 @@ def test_step_metrics_add_up_the_minibatches_sums(toy_config):
         np.testing.assert_allclose(metrics[key], exact, rtol=1e-5, err_msg=key)
     mean_of_means = np.mean([float(s["value/error"].mean) for s in stats])
     assert abs(mean_of_means - metrics["value/error"]) > 1e-6  # the two differ here: the test can tell
+
+
+def test_execution_keys_reach_the_policy_and_the_critic_and_leave_the_update_unchanged(toy_config, tmp_path):
+    """model.remat / scan_layers / attention change how the forward pass runs, never its result."""
+    from flax import nnx
+
+    from jaxrl_llm.models.layers import Execution
+
+    keys = ["model.remat=layer", "model.scan_layers=true", "model.attention=blockwise", "model.attention_block=4"]
+    plain = Trainer(toy_config(f"train.run_dir={tmp_path / 'a'}", algo="ppo"))
+    lean = Trainer(toy_config(f"train.run_dir={tmp_path / 'b'}", *keys, algo="ppo"))
+    expected = Execution(remat="layer", scan_layers=True, attention="blockwise", attention_block=4)
+    assert nnx.merge(lean.graphdef, lean.state.params["policy"]).execution == expected
+    critic = nnx.merge(lean.algorithm.critic_graphdef, lean.state.params["critic"])
+    assert critic.backbone.execution == expected  # the separate critic's own backbone
+    batch = plain.collect()[0]
+    grads = []
+    for trainer in (plain, lean):
+        state, train_batch, _ = trainer._prepare(jax.tree.map(jnp.copy, trainer.state), batch)
+        grads.append(jax.jit(trainer.algorithm.value_and_grad)(state.params, train_batch)[1])
+    for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
