@@ -118,7 +118,7 @@ def test_four_micro_batches_give_the_one_pass_update_for_every_aggregation(stepp
     check_every_aggregation(stepped_trainers, algo, LOSS_AGGREGATIONS)
 
 
-@pytest.mark.parametrize("algo", ["rloo", "ppo"])
+@pytest.mark.parametrize("algo", [pytest.param("rloo", marks=pytest.mark.slow), "ppo"])
 def test_micro_batches_inside_minibatches_give_the_same_update(stepped_trainers, algo):
     trainer, batch = stepped_trainers(algo, "algo.update_epochs=2", "algo.num_minibatches=2")
     whole = update_gradient(trainer, trainer.config.algo, batch, None)

@@ -49,7 +49,7 @@ def test_bf16_parameters_are_an_explicit_choice_and_lose_small_steps(toy_config)
     assert changed_fraction(before, trainer) < 0.2  # the failure mode float32 masters fix
 
 
-@pytest.mark.parametrize("algo", ["rloo", "ppo"])
+@pytest.mark.parametrize("algo", [pytest.param("rloo", marks=pytest.mark.slow), "ppo"])
 def test_bf16_first_update_matches_float32_within_bf16_tolerance(toy_config, tmp_path, algo):
     """Same batch, same initial weights: the bfloat16 loss and gradient are the float32 ones up
     to bfloat16 rounding (8 significant bits, ~0.4% per operation)."""

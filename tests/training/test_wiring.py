@@ -93,6 +93,10 @@ def test_value_loss_reaches_the_policy_only_through_a_shared_critic(toy_config, 
     ("ppo", [], 1), ("raft", [], 0),  # one update: the reference only (RAFT has none)
     ("rloo", ["algo.update_epochs=2"], 2), ("ppo", ["algo.num_minibatches=2"], 2),  # + the old policy
     ("raft", ["algo.update_epochs=2"], 0),  # RAFT reads no old log-probabilities either
+    # One update in micro-batches: a policy pass only where the batch-wide part needs it
+    # (REINFORCE's baseline, PPO's whitened advantages), not for RLOO's or GRPO's.
+    ("rloo", ["train.micro_batch_size=8"], 1), ("grpo", ["train.micro_batch_size=8"], 1),
+    ("reinforce", ["train.micro_batch_size=8"], 2), ("ppo", ["train.micro_batch_size=8"], 2),
 ])
 def test_prepare_runs_only_the_forward_passes_it_reads(toy_config, monkeypatch, algo, extra, forwards):
     calls = []
