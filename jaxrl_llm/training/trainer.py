@@ -234,7 +234,10 @@ class Trainer:
                                   reference=self.algorithm.uses_reference, reference_dtype=self.compute_dtype)
         self.state, self.state_shardings = self._place(state)
 
-        # Compiled once: shapes are fixed by the config.
+        # Compiled once: shapes are fixed by the config. The sampler's compute-dtype view of the
+        # policy is one compiled cast per step, not one eager op per parameter.
+        self._sampling_params = (lambda params: params) if self.compute_dtype is None else jax.jit(
+            functools.partial(models.cast_floating, dtype=self.compute_dtype))
         self._prepare = jax.jit(self.algorithm.prepare, donate_argnums=0)
         self._update = jax.jit(functools.partial(update_step, self.algorithm, self.optimizer), donate_argnums=0,
                                out_shardings=(self.state_shardings, None))
@@ -261,7 +264,7 @@ class Trainer:
         """K completions of each example's prompt, `rollout.micro_batch_size` sequences at a time."""
         r = self.config.rollout
         ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], r.prompt_length)
-        policy = nnx.merge(self.graphdef, models.cast_floating(self.state.params["policy"], self.compute_dtype))
+        policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]))
         prompts_per_call = len(examples) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
         for i, start in enumerate(range(0, len(examples), prompts_per_call)):
