@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import layers
 
 
@@ -86,7 +87,7 @@ class CausalLM(nnx.Module):
             positions = jnp.asarray(positions)
         ctx, cache = layers.make_context(input_ids, attention_mask, positions, cache, fresh_cache=fresh_cache)
         if cache is not None and len(cache.k) != self.num_layers:
-            raise ValueError(f"cache: has {len(cache.k)} layers, expected {self.num_layers} for this model")
+            raise UserError(f"cache: has {len(cache.k)} layers, expected {self.num_layers} for this model")
         kv = None if cache is None else list(zip(cache.k, cache.v))
         hidden, kv = self.backbone(input_ids, ctx, kv, last_only=last_position_only)
         if cache is not None:
@@ -148,5 +149,5 @@ def check_dtype(dtype) -> jnp.dtype:
     """Accept float32 / bfloat16 (and float16); reject anything else with a ValueError."""
     dt = jnp.dtype(dtype)
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"dtype: got {dt}, expected float32 or bfloat16 (float16 also accepted)")
+        raise UserError(f"dtype: got {dt}, expected float32 or bfloat16 (float16 also accepted)")
     return dt

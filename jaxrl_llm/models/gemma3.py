@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import layers
 from jaxrl_llm.models.base import CausalLM, check_dtype, config_to_json
 
@@ -32,11 +33,11 @@ class Gemma3DecoderLayer(nnx.Module):
     def __init__(self, cfg, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         layer_type = cfg.layer_types[layer_idx]
         if layer_type not in ("sliding_attention", "full_attention"):
-            raise ValueError(
+            raise UserError(
                 f"config.layer_types[{layer_idx}]: got {layer_type!r}, expected 'sliding_attention' or 'full_attention'"
             )
         if getattr(cfg, "use_bidirectional_attention", False):
-            raise ValueError("config.use_bidirectional_attention: got True, expected False (causal LMs only)")
+            raise UserError("config.use_bidirectional_attention: got True, expected False (causal LMs only)")
         eps = cfg.rms_norm_eps
         self.self_attn = layers.Attention(
             hidden_size=cfg.hidden_size,
@@ -98,7 +99,7 @@ class Gemma3ForCausalLM(CausalLM):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if cfg.model_type != "gemma3_text":
-            raise ValueError(f"config.model_type: got {cfg.model_type!r}, expected 'gemma3_text'")
+            raise UserError(f"config.model_type: got {cfg.model_type!r}, expected 'gemma3_text'")
         dtype = check_dtype(dtype)
         self.config_json = config_to_json(cfg)
         self.model_type = cfg.model_type

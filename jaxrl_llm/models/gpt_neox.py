@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import layers
 from jaxrl_llm.models.base import CausalLM, check_dtype, config_to_json
 
@@ -86,7 +87,7 @@ class GPTNeoXForCausalLM(CausalLM):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if cfg.model_type != "gpt_neox":
-            raise ValueError(f"config.model_type: got {cfg.model_type!r}, expected 'gpt_neox'")
+            raise UserError(f"config.model_type: got {cfg.model_type!r}, expected 'gpt_neox'")
         dtype = check_dtype(dtype)
         self.config_json = config_to_json(cfg)
         self.model_type = cfg.model_type

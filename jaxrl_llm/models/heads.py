@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import layers
 from jaxrl_llm.models.base import CausalLM, check_dtype, config_to_json
 
@@ -34,7 +35,7 @@ def _backbone_class(model_type: str):
         return gpt_neox.GPTNeoXModel, "gpt_neox"
     if model_type == "gemma3_text":
         return gemma3.Gemma3TextModel, "model"
-    raise ValueError(
+    raise UserError(
         f"config.model_type: got {model_type!r}, expected one of "
         f"{sorted((*llama.MODEL_TYPES, 'gpt_neox', 'gemma3_text'))}"
     )
@@ -69,7 +70,7 @@ class ValueHead(nnx.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, S, D] -> values [B, S] float32."""
         if hidden.ndim != 3 or hidden.shape[-1] != self.kernel.shape[0]:
-            raise ValueError(f"hidden: got shape {hidden.shape}, expected [B, S, {self.kernel.shape[0]}]")
+            raise UserError(f"hidden: got shape {hidden.shape}, expected [B, S, {self.kernel.shape[0]}]")
         v = hidden.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return v[..., 0]
 
@@ -84,7 +85,7 @@ class Critic(nnx.Module):
 
     def __init__(self, head: ValueHead, backbone: nnx.Module | None, *, layout: str):
         if layout not in LAYOUTS:
-            raise ValueError(f"layout: got {layout!r}, expected one of {LAYOUTS}")
+            raise UserError(f"layout: got {layout!r}, expected one of {LAYOUTS}")
         self.layout = layout
         self.head = head
         self.backbone = backbone
@@ -92,17 +93,17 @@ class Critic(nnx.Module):
     def set_execution(self, **options) -> Critic:
         """The separate critic's backbone options, as ``CausalLM.set_execution``; returns the critic."""
         if self.layout == "shared":
-            raise ValueError("set_execution: the shared critic has no backbone; set the options on the policy")
+            raise UserError("set_execution: the shared critic has no backbone; set the options on the policy")
         self.backbone.execution = self.backbone.execution.with_options(**options)
         return self
 
     def __call__(self, input_ids=None, attention_mask=None, positions=None, *, hidden=None) -> jax.Array:
         if self.layout == "shared":
             if hidden is None:
-                raise ValueError("hidden: the shared critic needs the policy's hidden states [B, S, D], got None")
+                raise UserError("hidden: the shared critic needs the policy's hidden states [B, S, D], got None")
             return self.head(hidden)
         if input_ids is None:
-            raise ValueError("input_ids: the separate critic runs its own backbone and needs token ids, got None")
+            raise UserError("input_ids: the separate critic runs its own backbone and needs token ids, got None")
         return self.head(run_backbone(self.backbone, input_ids, attention_mask, positions))
 
 
@@ -127,21 +128,21 @@ def make_critic(
     from jaxrl_llm.models.hf_io import from_pretrained
 
     if layout not in LAYOUTS:
-        raise ValueError(f"layout: got {layout!r}, expected one of {LAYOUTS}")
+        raise UserError(f"layout: got {layout!r}, expected one of {LAYOUTS}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if isinstance(policy_or_path, (str, os.PathLike)):
         policy = from_pretrained(policy_or_path, dtype=dtype or jnp.float32)
     elif isinstance(policy_or_path, CausalLM):
         policy = policy_or_path
     else:
-        raise ValueError(
+        raise UserError(
             f"policy_or_path: got {type(policy_or_path).__name__}, expected a jaxrl_llm causal LM or a directory"
         )
     dtype = check_dtype(dtype or policy.dtype)
     hidden_size = policy.input_embedding_matrix().shape[1]
     if layout == "shared":
         if init_from is not None:
-            raise ValueError("init_from: only the 'separate' layout can be initialised from a reward model; got one with layout='shared'")
+            raise UserError("init_from: only the 'separate' layout can be initialised from a reward model; got one with layout='shared'")
         return Critic(ValueHead(hidden_size, dtype=dtype, rngs=rngs), None, layout="shared")
     if init_from is None:
         return Critic(ValueHead(hidden_size, dtype=dtype, rngs=rngs), _copy(policy.backbone), layout="separate")
@@ -208,7 +209,7 @@ def reward_model_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) 
     dtype = check_dtype(dtype)
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"path: {str(path)!r} is not a Hugging Face model directory (no config.json)")
+        raise UserError(f"path: {str(path)!r} is not a Hugging Face model directory (no config.json)")
     cfg = transformers.AutoConfig.from_pretrained(str(path))
     abstract = nnx.eval_shape(lambda: RewardModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return load_weights(abstract, _safetensors_getter(path), dtype=dtype, source=str(path))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.base import CausalLM, check_dtype
 
 _ARCHITECTURES = {
@@ -45,7 +46,7 @@ def model_class(model_type: str, *, argument: str = "config.model_type") -> type
     classes["gpt_neox"] = gpt_neox.GPTNeoXForCausalLM
     classes["gemma3_text"] = gemma3.Gemma3ForCausalLM
     if model_type not in classes:
-        raise ValueError(f"{argument}: got {model_type!r}, expected one of {sorted(classes)}")
+        raise UserError(f"{argument}: got {model_type!r}, expected one of {sorted(classes)}")
     return classes[model_type]
 
 
@@ -77,13 +78,13 @@ def load_weights(abstract_model: nnx.Module, get: Callable[[str], object | None]
             if tensor is None:
                 tensor = get(alias)
         if tensor is None:
-            raise ValueError(f"path: checkpoint {source} is missing weight {key!r} (shape {tuple(var.get_value().shape)[::-1] if transpose else tuple(var.get_value().shape)})")
+            raise UserError(f"path: checkpoint {source} is missing weight {key!r} (shape {tuple(var.get_value().shape)[::-1] if transpose else tuple(var.get_value().shape)})")
         # Host-side numpy (bfloat16 via ml_dtypes): no per-shape XLA compilation for transposes/casts.
         array = np.asarray(tensor)
         if transpose:
             array = array.T
         if array.shape != var.get_value().shape:
-            raise ValueError(
+            raise UserError(
                 f"path: weight {key!r} in {source} has shape {array.shape}, expected {var.get_value().shape} from the config"
             )
         leaves.append((path, var.replace(jnp.asarray(np.ascontiguousarray(array.astype(jnp.dtype(dtype)))))))
@@ -115,7 +116,7 @@ def _safetensors_getter(directory: Path) -> Callable[[str], object | None]:
         with safe_open(single, framework="flax") as f:
             files = {k: single for k in f.keys()}
     else:
-        raise ValueError(
+        raise UserError(
             f"path: {directory} has neither model.safetensors nor model.safetensors.index.json "
             "(only safetensors checkpoints are supported)"
         )
@@ -168,10 +169,10 @@ def from_pretrained(
     if gguf_file is None and path.suffix == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.is_dir():
-        raise ValueError(f"path: {str(path)!r} is not an existing directory (expected a local checkpoint directory)")
+        raise UserError(f"path: {str(path)!r} is not an existing directory (expected a local checkpoint directory)")
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
-            raise ValueError(f"gguf_file: {str(path / gguf_file)!r} does not exist")
+            raise UserError(f"gguf_file: {str(path / gguf_file)!r} does not exist")
         hf_config, tensors = _gguf_config_and_tensors(path, gguf_file)
         get = tensors.get
         source = str(path / gguf_file)
@@ -179,7 +180,7 @@ def from_pretrained(
         import transformers
 
         if not (path / "config.json").is_file():
-            raise ValueError(f"path: {str(path)!r} has no config.json (expected a Hugging Face model directory)")
+            raise UserError(f"path: {str(path)!r} has no config.json (expected a Hugging Face model directory)")
         hf_config = transformers.AutoConfig.from_pretrained(str(path))
         model_class(getattr(hf_config, "model_type", None))  # fail on an unknown family before reading weights
         get = _safetensors_getter(path)
@@ -201,7 +202,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
     from safetensors.flax import save_file
 
     if not isinstance(model, CausalLM):
-        raise ValueError(f"model: got {type(model).__name__}, expected a jaxrl_llm causal LM")
+        raise UserError(f"model: got {type(model).__name__}, expected a jaxrl_llm causal LM")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = json.loads(model.config_json)

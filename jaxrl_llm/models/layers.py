@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
+
 # Large negative instead of -inf: a fully masked row (a left-pad query) stays finite.
 _MASK_VALUE = -1e30
 _INIT_STD = 0.02
@@ -125,7 +127,7 @@ def activation(name: str):
         return lambda x: jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu
-    raise ValueError(
+    raise UserError(
         f"hidden_act: got {name!r}, expected one of 'silu', 'gelu', 'gelu_pytorch_tanh', 'gelu_new', 'relu'"
     )
 
@@ -197,7 +199,7 @@ def rope_spec(params: dict, *, head_dim: int, max_position_embeddings: int) -> R
             np.float32
         )
     else:
-        raise ValueError(
+        raise UserError(
             f"rope_parameters['rope_type']: got {rope_type!r}, expected one of 'default', 'linear', 'llama3', 'yarn'"
         )
     return RopeSpec(tuple(float(f) for f in inv_freq), float(scaling), dim)
@@ -287,7 +289,7 @@ class KVCache(NamedTuple):
 def empty_cache(*, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
     """An all-empty ``KVCache`` (see ``models.init_cache``)."""
     if batch_size < 1 or max_length < 1:
-        raise ValueError(
+        raise UserError(
             f"batch_size/max_length: got {batch_size}/{max_length}, expected positive integers"
         )
     shape = (batch_size, num_kv_heads, max_length, head_dim)
@@ -351,22 +353,22 @@ class Execution(NamedTuple):
         """A copy with ``options`` replaced, every field validated (ValueError naming the option)."""
         unknown = sorted(set(options) - set(self._fields))
         if unknown:
-            raise ValueError(f"execution options: got unknown {unknown}, expected some of {list(self._fields)}")
+            raise UserError(f"execution options: got unknown {unknown}, expected some of {list(self._fields)}")
         new = self._replace(**options)
         if not isinstance(new.remat, str) or new.remat not in REMAT_CHOICES:
-            raise ValueError(f"remat: got {new.remat!r}, expected one of {REMAT_CHOICES}")
+            raise UserError(f"remat: got {new.remat!r}, expected one of {REMAT_CHOICES}")
         if not isinstance(new.scan_layers, bool):
-            raise ValueError(f"scan_layers: got {new.scan_layers!r}, expected True or False")
+            raise UserError(f"scan_layers: got {new.scan_layers!r}, expected True or False")
         if not isinstance(new.attention, str) or new.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention: got {new.attention!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
+            raise UserError(f"attention: got {new.attention!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
         if new.attention == "cudnn" and not on_cuda_gpu():
-            raise ValueError(
+            raise UserError(
                 f"attention: got 'cudnn', which needs a CUDA GPU; the default backend is {jax.default_backend()!r} "
                 "(use 'auto', 'blockwise' or 'dense')"
             )
         block = new.attention_block
         if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 1:
-            raise ValueError(f"attention_block: got {block!r}, expected a positive integer")
+            raise UserError(f"attention_block: got {block!r}, expected a positive integer")
         return new._replace(attention_block=int(block))
 
 
@@ -420,20 +422,20 @@ def make_context(
     only to each other, so a prompt prefill does not read the cache's empty slots.
     """
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids: got shape {input_ids.shape} dtype {input_ids.dtype}, expected [B, S] integers")
+        raise UserError(f"input_ids: got shape {input_ids.shape} dtype {input_ids.dtype}, expected [B, S] integers")
     batch, seq = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((batch, seq), bool)
     elif attention_mask.shape != (batch, seq):
-        raise ValueError(f"attention_mask: got shape {attention_mask.shape}, expected {(batch, seq)} like input_ids")
+        raise UserError(f"attention_mask: got shape {attention_mask.shape}, expected {(batch, seq)} like input_ids")
     mask = attention_mask.astype(bool)
     if positions is not None and positions.shape != (batch, seq):
-        raise ValueError(f"positions: got shape {positions.shape}, expected {(batch, seq)} like input_ids")
+        raise UserError(f"positions: got shape {positions.shape}, expected {(batch, seq)} like input_ids")
     if cache is not None:
         if cache.valid.shape[0] != batch:
-            raise ValueError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
+            raise UserError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
         if seq > cache.max_length:
-            raise ValueError(f"input_ids: {seq} tokens do not fit a cache of max_length {cache.max_length}")
+            raise UserError(f"input_ids: {seq} tokens do not fit a cache of max_length {cache.max_length}")
     # Default positions count real tokens, so they stay below the number of slots: a static bound.
     bound = None if positions is not None else (seq if cache is None or fresh_cache else cache.max_length)
     valid = None if cache is None else jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
@@ -529,18 +531,18 @@ def attention_implementation(
     that attend to each other. ``on_gpu`` overrides the backend check (tests).
     """
     if choice not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention: got {choice!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
+        raise UserError(f"attention: got {choice!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
     on_gpu = on_cuda_gpu() if on_gpu is None else on_gpu
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if choice == "cudnn":
         if not on_gpu:
-            raise ValueError(
+            raise UserError(
                 f"attention: got 'cudnn', which needs a CUDA GPU; the default backend is {jax.default_backend()!r}"
             )
         if softcap is not None:
-            raise ValueError(f"attention: got 'cudnn' for a layer with soft-capping ({softcap}); cuDNN has none")
+            raise UserError(f"attention: got 'cudnn' for a layer with soft-capping ({softcap}); cuDNN has none")
         if not half:
-            raise ValueError(f"attention: got 'cudnn' with {jnp.dtype(dtype)} activations, expected bfloat16/float16")
+            raise UserError(f"attention: got 'cudnn' with {jnp.dtype(dtype)} activations, expected bfloat16/float16")
     if choice in ("dense", "blockwise"):
         return choice
     flash = self_attention and seq > 1
@@ -654,7 +656,7 @@ def cudnn_attention(
     """
     batch, seq, heads, head_dim = q.shape
     if k.shape[2] != seq:
-        raise ValueError(f"cudnn_attention: got {seq} queries and {k.shape[2]} keys, expected the same tokens")
+        raise UserError(f"cudnn_attention: got {seq} queries and {k.shape[2]} keys, expected the same tokens")
     valid = ctx.kv_valid
     length = jnp.sum(valid, axis=1, dtype=jnp.int32)
     first = jnp.argmax(valid, axis=1).astype(jnp.int32)  # 0 for a row without real tokens
@@ -708,7 +710,7 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if num_heads % num_kv_heads:
-            raise ValueError(
+            raise UserError(
                 f"num_key_value_heads: got {num_kv_heads}, expected a divisor of num_attention_heads={num_heads}"
             )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -806,7 +808,7 @@ def _layer_fn(graphdef, ctx: Context, *, remat: str, last_only: bool = False):
     if remat == "layer":  # keep only the layer's inputs; recompute everything else
         return jax.checkpoint(apply)
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat: got {remat!r}, expected one of {REMAT_CHOICES}")
+        raise UserError(f"remat: got {remat!r}, expected one of {REMAT_CHOICES}")
     return jax.checkpoint(apply, policy=getattr(jax.checkpoint_policies, remat))
 
 
@@ -830,7 +832,7 @@ def scan_layers(decoder_layers, x: jax.Array, ctx: Context, *, remat: str = "non
     groups = n // period
     if groups < 2 and n > 1:
         differs = next(i for i in range(n) if graphdefs[i] != graphdefs[0])
-        raise ValueError(
+        raise UserError(
             f"scan_layers: needs identical decoder layers (or a pattern repeating at least twice); layer {differs} "
             f"differs from layer 0 in structure or static attributes (e.g. its sliding window or RoPE). "
             "Use scan_layers=False for this model."

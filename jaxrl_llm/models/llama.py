@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import layers
 from jaxrl_llm.models.base import CausalLM, check_dtype, config_to_json
 
@@ -104,7 +105,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if cfg.model_type not in MODEL_TYPES:
-            raise ValueError(f"config.model_type: got {cfg.model_type!r}, expected one of {MODEL_TYPES}")
+            raise UserError(f"config.model_type: got {cfg.model_type!r}, expected one of {MODEL_TYPES}")
         dtype = check_dtype(dtype)
         self.config_json = config_to_json(cfg)
         self.model_type = cfg.model_type

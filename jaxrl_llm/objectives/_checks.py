@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.errors import UserError
+
 
 def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
@@ -28,14 +30,14 @@ def as_float(x):
 def check_rank(name: str, x, rank: int, *, what: str = "") -> None:
     if np.ndim(x) != rank:
         expected = f" ({what})" if what else ""
-        raise ValueError(
+        raise UserError(
             f"`{name}` must have rank {rank}{expected}; got shape {_shape(x)}."
         )
 
 
 def check_shape(name: str, x, shape: tuple[int, ...], *, like: str) -> None:
     if _shape(x) != tuple(shape):
-        raise ValueError(
+        raise UserError(
             f"`{name}` must have shape {tuple(shape)} (the shape of `{like}`); "
             f"got {_shape(x)}."
         )
@@ -44,7 +46,7 @@ def check_shape(name: str, x, shape: tuple[int, ...], *, like: str) -> None:
 def check_float(name: str, x) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
+        raise UserError(
             f"`{name}` must be a floating-point array (log-probabilities, rewards "
             f"and values are real numbers); got dtype {dtype}."
         )
@@ -58,31 +60,31 @@ def check_mask(name: str, mask, shape: tuple[int, ...], *, like: str) -> None:
         or jnp.issubdtype(dtype, jnp.integer)
         or jnp.issubdtype(dtype, jnp.floating)
     ):
-        raise ValueError(f"`{name}` must be a bool, integer or float 0/1 array; got {dtype}.")
+        raise UserError(f"`{name}` must be a bool, integer or float 0/1 array; got {dtype}.")
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}; got {value!r}.")
+        raise UserError(f"`{name}` must be one of {list(choices)}; got {value!r}.")
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+        raise UserError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
 
 
 def check_positive_float(name: str, value) -> None:
     if isinstance(value, jax.core.Tracer):
         return
     if not np.all(np.asarray(value) > 0) or not np.all(np.isfinite(np.asarray(value))):
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}.")
+        raise UserError(f"`{name}` must be a positive finite number; got {value!r}.")
 
 
 def check_num_samples(num_samples, batch_size: int, *, minimum: int = 2, name: str = "num_samples") -> int:
     """`num_samples` is K, the completions per prompt; N must split into groups of K."""
     check_positive_int(name, num_samples, minimum=minimum)
     if batch_size % num_samples:
-        raise ValueError(
+        raise UserError(
             f"The batch size N={batch_size} must be divisible by `{name}`={num_samples}: "
             f"completions are laid out prompt-major in groups of K "
             f"(and, when the batch is split across devices, each device must hold whole groups)."
@@ -102,7 +104,7 @@ def check_finite(name: str, x) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
+        raise UserError(
             f"`{name}` holds {int(bad.sum())} non-finite value(s), the first "
             f"{values[index]!r} at index {index}. Fix the reward source, or pass "
             f"`nonfinite_scores='mask'` to drop those completions from the baseline and the loss."

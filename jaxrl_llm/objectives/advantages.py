@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import _checks
 from jaxrl_llm.objectives.aggregation import masked_mean, masked_sum, masked_var, psum_if
 from jaxrl_llm.objectives.kl import kl_penalty
@@ -111,7 +112,7 @@ def reinforce_advantages(seq_rewards, *, baseline=None, valid=None, axis_name=No
     else:
         _checks.check_float("baseline", baseline)
         if jnp.ndim(baseline) not in (0, 1) or (jnp.ndim(baseline) == 1 and jnp.shape(baseline) != jnp.shape(rewards)):
-            raise ValueError(
+            raise UserError(
                 f"`baseline` must be a scalar or have shape {jnp.shape(rewards)} like `seq_rewards`; "
                 f"got shape {jnp.shape(baseline)}."
             )
@@ -150,7 +151,7 @@ def ema_baseline_update(state: EMABaselineState, seq_rewards, *, decay: float = 
     """
     _check_seq("seq_rewards", seq_rewards, valid)
     if not isinstance(decay, jax.core.Tracer) and not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"`decay` must be in [0, 1); got {decay!r}.")
+        raise UserError(f"`decay` must be in [0, 1); got {decay!r}.")
     rewards = _checks.as_float(seq_rewards)
     batch_mean = masked_mean(rewards, _valid_weights(rewards, valid), axis_name=axis_name)
     seen = state.count > 0

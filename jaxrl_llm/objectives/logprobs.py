@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import _checks
 
 
@@ -27,7 +28,7 @@ def _check_logits(logits, temperature, chunk_size):
 def _check_tokens(tokens, leading_shape, like):
     _checks.check_shape("tokens", tokens, leading_shape, like=like)
     if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
-        raise ValueError(f"`tokens` must be integer token ids; got dtype {jnp.result_type(tokens)}.")
+        raise UserError(f"`tokens` must be integer token ids; got dtype {jnp.result_type(tokens)}.")
 
 
 def _check_filter(top_k, top_p):
@@ -35,7 +36,7 @@ def _check_filter(top_k, top_p):
     if not isinstance(top_p, jax.core.Tracer) and (
             isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating))
             or not 0 < top_p <= 1):
-        raise ValueError(f"`top_p` must be a number in (0, 1] (1 disables nucleus filtering); got {top_p!r}.")
+        raise UserError(f"`top_p` must be a number in (0, 1] (1 disables nucleus filtering); got {top_p!r}.")
 
 
 def kept_tokens(z, *, top_k: int = 0, top_p=1.0):
@@ -213,7 +214,7 @@ def linear_token_logprobs(hidden, unembedding, tokens, *, temperature: float = 1
     _checks.check_float("hidden", hidden)
     _checks.check_rank("unembedding", unembedding, 2, what="[D, V]")
     if jnp.shape(unembedding)[0] != jnp.shape(hidden)[-1]:
-        raise ValueError(f"`unembedding` must have shape [D={jnp.shape(hidden)[-1]}, V]; got {jnp.shape(unembedding)}.")
+        raise UserError(f"`unembedding` must have shape [D={jnp.shape(hidden)[-1]}, V]; got {jnp.shape(unembedding)}.")
     _check_tokens(tokens, jnp.shape(hidden)[:2], like="hidden[..., 0]")
     _checks.check_positive_float("temperature", temperature)
     if chunk_size is not None:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import _checks
 from jaxrl_llm.objectives.advantages import (
     reinforce_advantages,
@@ -211,7 +212,7 @@ def _check_clip(clip_eps, clip_eps_high, dual_clip):
     if clip_eps_high is not None:
         _checks.check_positive_float("clip_eps_high", clip_eps_high)
     if dual_clip is not None and (isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or dual_clip <= 1.0):
-        raise ValueError(f"`dual_clip` must be None or a number > 1 (e.g. 3.0); got {dual_clip!r}.")
+        raise UserError(f"`dual_clip` must be None or a number > 1 (e.g. 3.0); got {dual_clip!r}.")
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None):
@@ -273,7 +274,7 @@ def _clipped_policy_loss(logprobs, old_logprobs, advantages, keep, *, ratio_leve
             logprobs, old_logprobs, advantages, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
         return per_token, advantages, _ratio_metrics(ratio, clipped, keep, log_ratio, keep, axis_name)
     if jnp.shape(advantages) != shape[:1]:
-        raise ValueError(
+        raise UserError(
             f"`advantages` must have shape {shape[:1]} (one per completion) for ratio_level='sequence'; "
             f"got {jnp.shape(advantages)}.")
     _checks.check_float("advantages", advantages)
@@ -395,7 +396,7 @@ def ppo_loss(
     given = [name for name, x in value_args.items() if x is not None]
     if given and len(given) != 3:
         missing = sorted(set(value_args) - set(given))
-        raise ValueError(f"`values`, `old_values` and `returns` go together; got {given} without {missing}.")
+        raise UserError(f"`values`, `old_values` and `returns` go together; got {given} without {missing}.")
     keep = jnp.asarray(mask) > 0
     per_token, advantages, ratio_aux = _clipped_policy_loss(
         _masked_f32(logprobs, keep), lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,

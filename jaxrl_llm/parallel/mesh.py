@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrl_llm.errors import UserError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -21,11 +23,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices=None) -> Mesh:
     """A `(data, fsdp)` mesh with Auto axes; `data=-1` takes every device left over."""
     devices = list(jax.devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"`mesh.fsdp`: got {fsdp}, expected a divisor of the {len(devices)} devices.")
+        raise UserError(f"`mesh.fsdp`: got {fsdp}, expected a divisor of the {len(devices)} devices.")
     if data == -1:
         data = len(devices) // fsdp
     if data < 1 or data * fsdp > len(devices):
-        raise ValueError(f"`mesh.data`: got {data}, expected data * fsdp <= {len(devices)} devices (fsdp={fsdp}).")
+        raise UserError(f"`mesh.data`: got {data}, expected data * fsdp <= {len(devices)} devices (fsdp={fsdp}).")
     grid = np.array(devices[: data * fsdp]).reshape(data, fsdp)
     return Mesh(grid, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -63,4 +65,5 @@ def shard_params(tree, mesh: Mesh):
 def check_batch_divisible(n: int, mesh: Mesh, what: str) -> None:
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if n % devices:
-        raise ValueError(f"`{what}`: got {n} sequences, expected a multiple of the {devices} devices of the mesh.")
+        raise UserError(f"`{what}`: got {n} sequences, expected a multiple of the {devices} devices of the mesh "
+                        "(each device samples and trains whole rows); change it, or use fewer devices with mesh.data.")

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxrl_llm.errors import UserError
+
 
 class Sample(NamedTuple):
     """One completion as the reward terms see it."""
@@ -28,8 +30,8 @@ class Sample(NamedTuple):
 Term = Callable[[Sequence[Sample]], Sequence[float]]
 
 
-class RewardError(ValueError):
-    """A reward term failed or returned a non-finite value."""
+class RewardError(UserError):
+    """A reward term failed, returned the wrong number of scores, or a non-finite one."""
 
 
 def task_term(task) -> Term:
@@ -45,12 +47,12 @@ def task_term(task) -> Term:
 def python_term(target: str) -> Term:
     """`"package.module:function"`, called as `function(prompts, completions) -> floats`."""
     if ":" not in target:
-        raise ValueError(f"`reward.terms[].target`: got {target!r}, expected 'package.module:function'.")
+        raise UserError(f"`reward.terms[].target`: got {target!r}, expected 'package.module:function'.")
     module_name, fn_name = target.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"`reward.terms[].target`: cannot import {target!r} ({e}).") from e
+        raise UserError(f"`reward.terms[].target`: cannot import {target!r} ({e}).") from e
 
     def call(samples):
         return fn([s.example.prompt for s in samples], [s.text for s in samples])
@@ -84,7 +86,7 @@ def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = Tru
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     eos = tokenizer.eos_token_id
     if append_eos and eos is None:
-        raise ValueError(f"`reward.terms[].append_eos`: the tokenizer of {path!r} has no EOS token; set append_eos: false.")
+        raise UserError(f"`reward.terms[].append_eos`: the tokenizer of {path!r} has no EOS token; set append_eos: false.")
     eos = eos if isinstance(eos, int) or eos is None else eos[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
 
@@ -119,7 +121,7 @@ class RewardFunction:
     def __init__(self, terms: Sequence[tuple[float, Term]], *, missing_eos_penalty=0.0, clip=None,
                  normalize=False, on_error="raise"):
         if on_error not in ("raise", "mask"):
-            raise ValueError(f"`reward.on_error`: got {on_error!r}, expected 'raise' or 'mask'.")
+            raise UserError(f"`reward.on_error`: got {on_error!r}, expected 'raise' or 'mask'.")
         self.terms = list(terms)
         self.missing_eos_penalty = missing_eos_penalty
         self.clip = clip
@@ -146,7 +148,8 @@ class RewardFunction:
             if not np.isnan(values).any():
                 raise RewardError(f"reward term {name} failed on the batch but on no single sample: {batch_error}") from batch_error
         if values.shape != (len(samples),):
-            raise RewardError(f"reward term {name} returned shape {values.shape}, expected ({len(samples)},).")
+            raise RewardError(f"reward term {name} returned shape {values.shape}, expected ({len(samples)},): "
+                              "one score per completion, in the order given.")
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size and self.on_error == "raise":
             i = int(bad[0])
@@ -179,7 +182,7 @@ def build_reward(reward_config, task) -> RewardFunction:
     for i, spec in enumerate(reward_config.terms):
         if spec.kind == "task":
             if task is None or not hasattr(task, "score_batch"):
-                raise ValueError(f"`reward.terms[{i}]`: kind 'task' needs a task with a verifier.")
+                raise UserError(f"`reward.terms[{i}]`: kind 'task' needs a task with a verifier.")
             terms.append((spec.weight, task_term(task)))
         elif spec.kind == "python":
             terms.append((spec.weight, python_term(spec.target)))

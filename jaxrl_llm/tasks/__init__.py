@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.tasks.arithmetic import ArithmeticTask, accuracy, default_policy_path
 from jaxrl_llm.tasks.base import Example, Task
 
@@ -19,11 +20,11 @@ def get_task(name: str, **options) -> Task:
         option is invalid (raised by the task, naming the option).
     """
     if name not in TASKS:
-        raise ValueError(f"name: unknown task {name!r}, expected one of {sorted(TASKS)}")
+        raise UserError(f"name: unknown task {name!r}, expected one of {sorted(TASKS)}")
     try:
         return TASKS[name](**options)
     except TypeError as err:  # unknown keyword: report it as a bad argument like every other check
-        raise ValueError(f"options: {err}") from None
+        raise UserError(f"options: {err}") from None
 
 
 __all__ = ["TASKS", "ArithmeticTask", "Example", "Task", "accuracy", "default_policy_path", "get_task"]

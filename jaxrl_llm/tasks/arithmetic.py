@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.tasks.base import Example, check_batch_lengths
 
 # Salts keep the hold-out hash and the eval draw independent of every training seed.
@@ -61,9 +62,9 @@ def held_out_mask(a, b, holdout_fraction: float = 0.1) -> np.ndarray:
 
 def _check_int(name: str, value, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: got {value!r} ({type(value).__name__}), expected an int")
+        raise UserError(f"{name}: got {value!r} ({type(value).__name__}), expected an int")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: got {value}, expected an int >= {minimum}")
+        raise UserError(f"{name}: got {value}, expected an int >= {minimum}")
     return int(value)
 
 
@@ -93,17 +94,17 @@ class ArithmeticTask:
         self.min_operand = _check_int("min_operand", min_operand, minimum=0)
         self.max_operand = _check_int("max_operand", max_operand)
         if self.max_operand < self.min_operand:
-            raise ValueError(f"max_operand: got {max_operand}, expected >= min_operand ({min_operand})")
+            raise UserError(f"max_operand: got {max_operand}, expected >= min_operand ({min_operand})")
         if not isinstance(partial_credit, bool):
-            raise ValueError(f"partial_credit: got {partial_credit!r}, expected True or False")
+            raise UserError(f"partial_credit: got {partial_credit!r}, expected True or False")
         self.partial_credit = partial_credit
         self.seed = _check_int("seed", seed, minimum=0)
         self._num_eval_given = num_eval is not None
         self.num_eval = DEFAULT_NUM_EVAL if num_eval is None else _check_int("num_eval", num_eval, minimum=1)
         if isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, numbers.Real):
-            raise ValueError(f"holdout_fraction: got {holdout_fraction!r}, expected a float in (0, 1)")
+            raise UserError(f"holdout_fraction: got {holdout_fraction!r}, expected a float in (0, 1)")
         if not 0.0 < float(holdout_fraction) < 1.0:
-            raise ValueError(f"holdout_fraction: got {holdout_fraction}, expected a float in (0, 1)")
+            raise UserError(f"holdout_fraction: got {holdout_fraction}, expected a float in (0, 1)")
         self.holdout_fraction = float(holdout_fraction)
 
         span = self.max_operand - self.min_operand + 1
@@ -128,7 +129,7 @@ class ArithmeticTask:
             a, b = rng.integers(self.min_operand, self.max_operand + 1, size=2)
             if not self.is_held_out(a, b):
                 return self.make_example(int(a), int(b))
-        raise RuntimeError(f"no training pair found in {_MAX_DRAWS} draws; lower holdout_fraction")
+        raise UserError(f"`holdout_fraction`: no training pair found in {_MAX_DRAWS} draws; lower holdout_fraction")
 
     def train_batch(self, start_index: int, n: int) -> list[Example]:
         """Examples at stream positions ``start_index, ..., start_index + n - 1``."""
@@ -149,14 +150,14 @@ class ArithmeticTask:
             held = held_out_mask(a, b, self.holdout_fraction)
             n_held = int(held.sum())
             if n_held == len(held):
-                raise ValueError(
+                raise UserError(
                     f"holdout_fraction: every one of the {self.num_pairs} pairs in "
                     f"[{lo}, {hi}] is held out, leaving nothing to train on; widen the operand range"
                 )
             if n_held < self.num_eval and not self._num_eval_given:
                 self.num_eval = n_held
             if n_held < self.num_eval:
-                raise ValueError(
+                raise UserError(
                     f"num_eval: got {self.num_eval}, but operands in [{lo}, {hi}] with "
                     f"holdout_fraction={self.holdout_fraction} give only {n_held} held-out pairs"
                 )
@@ -169,7 +170,7 @@ class ArithmeticTask:
                 seen.setdefault((a, b))
                 if len(seen) == self.num_eval:
                     return [self.make_example(a, b) for a, b in seen]
-        raise RuntimeError("could not draw the evaluation set; raise holdout_fraction")
+        raise UserError("`holdout_fraction`: could not draw the evaluation set; raise holdout_fraction")
 
     # ---------------------------------------------------------------------------------- reward
     def score(self, example: Example, completion_text: str, *, finished: bool) -> float:

@@ -7,6 +7,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from jaxrl_llm.errors import UserError
+
 
 class Example(NamedTuple):
     """One prompt and the exact completion text that earns full reward (EOS not included)."""
@@ -39,6 +41,6 @@ def check_batch_lengths(examples: Sequence, texts: Sequence, finished: Sequence 
     """ValueError unless examples, texts and finished have the same length."""
     n = len(examples)
     if len(texts) != n:
-        raise ValueError(f"texts: got {len(texts)} completions, expected {n} (one per example)")
+        raise UserError(f"texts: got {len(texts)} completions, expected {n} (one per example)")
     if len(finished) != n:
-        raise ValueError(f"finished: got {len(finished)} flags, expected {n} (one per example)")
+        raise UserError(f"finished: got {len(finished)} flags, expected {n} (one per example)")

@@ -54,6 +54,7 @@ from flax import nnx
 
 import jaxrl_llm.objectives as obj
 from jaxrl_llm import models
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import Stat
 from jaxrl_llm.training.config import AlgoConfig
 
@@ -175,9 +176,9 @@ class Algorithm:
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
         self.uses_reference = algo.name != "raft"
         if (algo.name == "ppo") != (critic_graphdef is not None):
-            raise ValueError("A critic is built for PPO and only for PPO.")
+            raise UserError("A critic is built for PPO and only for PPO.")
         if micro_batch_size is not None and micro_batch_size % algo.num_samples:
-            raise ValueError(f"`train.micro_batch_size`: got {micro_batch_size}, expected a multiple of "
+            raise UserError(f"`train.micro_batch_size`: got {micro_batch_size}, expected a multiple of "
                              f"algo.num_samples={algo.num_samples} (micro-batches hold whole prompt groups).")
 
     def num_micro_batches(self, num_sequences: int) -> int:
@@ -186,7 +187,7 @@ class Algorithm:
         if size is None or size >= num_sequences:
             return 1
         if num_sequences % size:
-            raise ValueError(f"`train.micro_batch_size`: got {size}, expected a divisor of the {num_sequences} "
+            raise UserError(f"`train.micro_batch_size`: got {size}, expected a divisor of the {num_sequences} "
                              "sequences of each update (rollout.prompts_per_step * algo.num_samples / "
                              "algo.num_minibatches).")
         return num_sequences // size

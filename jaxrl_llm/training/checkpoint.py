@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrl_llm.errors import UserError
+
 
 def _flat(tree) -> dict[str, jax.Array]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -45,11 +47,18 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def restore(self, template, step: int | None = None):
-        """`(state, metadata)` of `step` (default: the latest), shaped and sharded like `template`."""
-        step = self.latest_step() if step is None else step
+    def restore(self, template, step: int | None = None, *, asked_by: str = "--resume"):
+        """`(state, metadata)` of `step` (default: the latest), shaped and sharded like `template`.
+        `asked_by` is the flag or argument that asked for it, named in the error when there is none."""
+        steps = self.all_steps()
+        if not steps:
+            raise UserError(f"`{asked_by}`: no checkpoint under {str(self.directory)!r}; train first (the "
+                            "checkpoints are written to train.run_dir), or point train.run_dir at the run.")
         if step is None:
-            raise ValueError(f"`--resume`: no checkpoint under {str(self.directory)!r}.")
+            step = self.latest_step()
+        elif step not in steps:
+            raise UserError(f"`{asked_by}`: got step {step}, but {str(self.directory)!r} has checkpoints of "
+                            f"steps {sorted(steps)}.")
         flat_template = _flat(template)
         abstract = {
             key: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
@@ -60,7 +69,7 @@ class Checkpointer:
         )
         missing = sorted(set(flat_template) - set(restored.state))
         if missing:
-            raise ValueError(f"checkpoint step {step} lacks {missing[:5]} (written by another model or algorithm?).")
+            raise UserError(f"checkpoint step {step} lacks {missing[:5]} (written by another model or algorithm?).")
         leaves = [restored.state[key] for key in flat_template]
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
         return state, dict(restored.meta)

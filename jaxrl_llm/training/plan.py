@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import models, parallel
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.rollout import generate
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch
 from jaxrl_llm.training.config import Config
@@ -57,7 +58,7 @@ def use_fake_cpu_devices(count: int) -> None:
 def _hf_config(config: Config):
     directory, gguf_file = resolve_model_path(config)
     if gguf_file is None and not os.path.isfile(os.path.join(directory, "config.json")):
-        raise ValueError(f"`model.path`: {directory!r} has no config.json (the plan reads only the model's shape).")
+        raise UserError(f"`model.path`: {directory!r} has no config.json (the plan reads only the model's shape).")
     return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
 
 
@@ -115,14 +116,14 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS) -> dict:
     devices; returns `{"programs": [ProgramMemory, ...], "state_bytes": per-device train state, ...}`."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
-        raise ValueError(f"`programs`: got unknown {unknown}, expected some of {list(PROGRAMS)}.")
+        raise UserError(f"`programs`: got unknown {unknown}, expected some of {list(PROGRAMS)}.")
     c = config
     if c.rollout.prompt_length is None:
-        raise ValueError("`rollout.prompt_length`: got None, expected the prompt width in tokens (the plan has "
+        raise UserError("`rollout.prompt_length`: got None, expected the prompt width in tokens (the plan has "
                          "no data to measure it from).")
     available = jax.devices()
     if len(available) < devices:
-        raise ValueError(f"`--devices`: got {devices}, but JAX has {len(available)} devices "
+        raise UserError(f"`--devices`: got {devices}, but JAX has {len(available)} devices "
                          "(call use_fake_cpu_devices before JAX starts).")
     mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp, devices=available[:devices])
     n = c.rollout.prompts_per_step * c.algo.num_samples
