@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import kept_tokens, token_logprobs
 
 # Number of times the generation function has been traced (tests check it is compiled once).
@@ -267,6 +268,10 @@ def _generate_impl(opts: _Options, mesh, model, prompt_ids, prompt_mask, rng, pa
     sample_rows = functools.partial(_sample_rows, opts)
     if mesh is not None:
         rows = P(mesh.axis_names)
+        if AxisType.Explicit in mesh.axis_types:
+            # `jax.make_mesh`'s default: shard_map then requires the inputs to carry its specs.
+            prompt_ids, prompt_mask = (jax.reshard(x, NamedSharding(mesh, rows)) for x in (prompt_ids, prompt_mask))
+            uniforms = jax.reshard(uniforms, NamedSharding(mesh, P(None, mesh.axis_names)))
         sample_rows = jax.shard_map(
             sample_rows, mesh=mesh, in_specs=(P(), rows, rows, P(None, mesh.axis_names), P()),
             out_specs=(rows, rows, rows), check_vma=False,
@@ -371,7 +376,7 @@ def _prepare_generate(arguments: dict):
     vocab = a.model.unembedding_matrix().shape[-1]
     for name, value in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad_token_id)]:
         if value >= vocab:
-            raise ValueError(f"{name}: got {value}, expected a token id in [0, {vocab}) for this model's vocabulary")
+            raise UserError(f"{name}: got {value}, expected a token id in [0, {vocab}) for this model's vocabulary")
     opts = _Options(
         max_new_tokens=_check_int("max_new_tokens", a.max_new_tokens, minimum=1),
         num_samples=_check_int("num_samples", a.num_samples, minimum=1),
@@ -391,7 +396,7 @@ def _prepare_generate(arguments: dict):
     mesh = _sampling_mesh(a.mesh, a.prompt_ids)
     prompt_ids, prompt_mask = _check_prompts(a.prompt_ids, a.prompt_mask)
     if mesh is not None and prompt_ids.shape[0] % mesh.size:
-        raise ValueError(
+        raise UserError(
             f"prompt_ids: got {prompt_ids.shape[0]} prompts, expected a multiple of the {mesh.size} devices "
             "of the mesh they are split over"
         )
@@ -438,7 +443,7 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = No
     """
     temperature = rollout.logprob_temperature if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) or not temperature > 0:
-        raise ValueError(f"temperature: got {temperature!r}, expected a positive float")
+        raise UserError(f"temperature: got {temperature!r}, expected a positive float")
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size, minimum=1)
     top_k = _check_top_k(rollout.top_k if top_k is None else top_k)
@@ -453,15 +458,15 @@ def sequence_logprobs(model, rollout: Rollout, *, temperature: float | None = No
 
 def _check_int(name: str, value, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+        raise UserError(f"{name}: got {value!r}, expected an integer >= {minimum}")
     return int(value)
 
 
 def _check_temperature(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"temperature: got {value!r}, expected a float >= 0 (0 = greedy)")
+        raise UserError(f"temperature: got {value!r}, expected a float >= 0 (0 = greedy)")
     if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"temperature: got {value!r}, expected a finite float >= 0 (0 = greedy)")
+        raise UserError(f"temperature: got {value!r}, expected a finite float >= 0 (0 = greedy)")
     return float(value)
 
 
@@ -471,7 +476,7 @@ def _check_top_k(value) -> int:
 
 def _check_top_p(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value <= 1:
-        raise ValueError(f"top_p: got {value!r}, expected a float in (0, 1] (1 disables nucleus sampling)")
+        raise UserError(f"top_p: got {value!r}, expected a float in (0, 1] (1 disables nucleus sampling)")
     return float(value)
 
 
@@ -482,7 +487,7 @@ def _check_eos(value) -> tuple[int, ...]:
     try:
         return tuple(_check_int("eos_token_id", v, minimum=0) for v in values)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise UserError(
             f"eos_token_id: got {value!r}, expected a non-negative int, a list of them, or None"
         ) from None
 
@@ -490,23 +495,23 @@ def _check_eos(value) -> tuple[int, ...]:
 def _check_prompts(prompt_ids, prompt_mask) -> tuple[jax.Array, jax.Array]:
     ids_dtype = jnp.result_type(prompt_ids)
     if not jnp.issubdtype(ids_dtype, jnp.integer):
-        raise ValueError(f"prompt_ids: got dtype {ids_dtype}, expected integer token ids")
+        raise UserError(f"prompt_ids: got dtype {ids_dtype}, expected integer token ids")
     if np.ndim(prompt_ids) != 2:
-        raise ValueError(f"prompt_ids: got shape {np.shape(prompt_ids)}, expected [B, P]")
+        raise UserError(f"prompt_ids: got shape {np.shape(prompt_ids)}, expected [B, P]")
     if np.shape(prompt_mask) != np.shape(prompt_ids):
-        raise ValueError(
+        raise UserError(
             f"prompt_mask: got shape {np.shape(prompt_mask)}, expected {np.shape(prompt_ids)} like prompt_ids"
         )
     mask_dtype = jnp.result_type(prompt_mask)
     if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
-        raise ValueError(f"prompt_mask: got dtype {mask_dtype}, expected bool or integer 0/1")
+        raise UserError(f"prompt_mask: got dtype {mask_dtype}, expected bool or integer 0/1")
     if not isinstance(prompt_mask, jax.core.Tracer):  # value checks only where values are concrete
         mask = np.asarray(prompt_mask)
         if not np.isin(mask, (0, 1)).all():
-            raise ValueError("prompt_mask: expected only 0/1 values")
+            raise UserError("prompt_mask: expected only 0/1 values")
         if not mask[:, -1].all():
             rows = np.flatnonzero(~mask[:, -1].astype(bool)).tolist()
-            raise ValueError(
+            raise UserError(
                 f"prompt_mask: rows {rows} end with padding; expected LEFT-padded prompts "
                 "(every row's last token real)"
             )
@@ -524,7 +529,7 @@ def _sampling_mesh(mesh, prompt_ids) -> Mesh | None:
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and not sharding.is_fully_replicated:
             mesh = sharding.mesh
     elif not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh: got {type(mesh).__name__}, expected a jax.sharding.Mesh or None")
+        raise UserError(f"mesh: got {type(mesh).__name__}, expected a jax.sharding.Mesh or None")
     return None if mesh is None or mesh.size == 1 else mesh
 
 
@@ -532,8 +537,8 @@ def _check_rng(rng) -> jax.Array:
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         if rng.shape != ():
-            raise ValueError(f"rng: got a key array of shape {rng.shape}, expected a single key")
+            raise UserError(f"rng: got a key array of shape {rng.shape}, expected a single key")
         return rng
     if rng.shape == (2,) and rng.dtype == jnp.uint32:
         return jax.random.wrap_key_data(rng)
-    raise ValueError(f"rng: got shape {rng.shape} dtype {rng.dtype}, expected a PRNG key (jax.random.key(seed))")
+    raise UserError(f"rng: got shape {rng.shape} dtype {rng.dtype}, expected a PRNG key (jax.random.key(seed))")

@@ -276,19 +276,20 @@ def test_rollout_is_a_pytree_that_jit_passes_through(tiny_llama, prompts):
 # ----------------------------------------------------------------------------- devices
 
 
-def mesh_of(num_devices):
-    return jax.make_mesh((num_devices,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
+def mesh_of(num_devices, axis_type=AxisType.Auto):
+    return jax.make_mesh((num_devices,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:num_devices])
 
 
-@pytest.mark.parametrize("num_devices", [2, 4])
-def test_split_over_a_mesh_equals_one_device(tiny_llama, prompts, num_devices):
+@pytest.mark.parametrize("num_devices,axis_type", [(2, AxisType.Auto), (4, AxisType.Auto), (4, AxisType.Explicit)])
+def test_split_over_a_mesh_equals_one_device(tiny_llama, prompts, num_devices, axis_type):
     """Each device samples its own prompts' rows; the random draws belong to rows, so the rollout
-    is the one a single device gives, and comes back split over the mesh by rows."""
+    is the one a single device gives, and comes back split over the mesh by rows. Explicit axes
+    are `jax.make_mesh`'s default."""
     _, model = tiny_llama
     ids, mask = (np.tile(x, (4, 1)) for x in prompts)  # 12 prompts: 3 different padding widths, 4 times
     kwargs = dict(max_new_tokens=T, rng=jax.random.key(5), num_samples=2, temperature=0.9, eos_token_id=[3, 17])
     one = generate(model, ids, mask, **kwargs)
-    mesh = mesh_of(num_devices)
+    mesh = mesh_of(num_devices, axis_type)
     split = generate(model, ids, mask, mesh=mesh, **kwargs)
     assert 0 < int(np.asarray(one.mask).sum()) < one.mask.size, "some rows should stop at EOS"
     np.testing.assert_array_equal(split.tokens, one.tokens)
