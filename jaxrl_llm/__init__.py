@@ -5,7 +5,22 @@ models, trainer and tasks live in their own subpackages and are imported lazily
 by the names below, so `import jaxrl_llm` stays light for research code.
 """
 
-from jaxrl_llm.objectives import (
+import logging as _logging
+
+
+class _WithoutTorchNotice(_logging.Filter):
+    """transformers announces "PyTorch was not found. Models won't be available" when torch is
+    absent; we use only its tokenizers and configs, so the notice reads like a failure that is not
+    one. Dropped here, before our first import of transformers; its other messages stay."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+
+_logging.getLogger("transformers").addFilter(_WithoutTorchNotice())
+
+from jaxrl_llm.errors import UserError  # noqa: E402
+from jaxrl_llm.objectives import (  # noqa: E402
     KL_KINDS,
     LOSS_AGGREGATIONS,
     EMABaselineState,
@@ -68,4 +83,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxrl_llm' has no attribute {name!r}")
 
 
-__all__ = [*_objectives.__all__, *_LAZY]
+__all__ = [*_objectives.__all__, *_LAZY, "UserError"]

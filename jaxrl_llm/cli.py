@@ -1,30 +1,40 @@
-"""`jaxrl-llm train | eval | export`.
+"""`jaxrl-llm train | eval | export | plan`.
 
     jaxrl-llm train --config configs/rloo_arithmetic.yaml [--resume] [section.key=value ...]
     jaxrl-llm eval --config configs/rloo_arithmetic.yaml [--checkpoint]
-    jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/
+    jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/ [--step N]
     jaxrl-llm plan --config configs/rloo_arithmetic.yaml --devices 8 [--device-memory-gb 80]
+
+Errors a user can fix (`jaxrl_llm.UserError`: a config value, a missing file or checkpoint, a
+reward function's output, the devices) print as one line naming the cause and the fix, with
+exit status 2. Anything else is a bug and keeps its traceback (exit status 1); `--debug` shows
+the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
+
+CONFIG_HELP = ("YAML config (required). configs/rloo_arithmetic.yaml is the main job's recipe; keys a file "
+               "leaves out take the defaults in jaxrl_llm/training/config.py (sized for real models: lr 1e-6)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-llm", description="Online RL for LLMs in JAX.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, help=CONFIG_HELP)
+    common.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    common.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algo.kl_coef=0.02")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("train", "train a policy with REINFORCE, RLOO, PPO, GRPO, RAFT or vanilla PG"),
-        ("eval", "held-out accuracy of the configured policy (or of the run's latest checkpoint)"),
+        ("eval", "held-out metrics and sample completions of the configured policy (or of the run's latest checkpoint)"),
         ("export", "write a run's policy as a Hugging Face directory"),
         ("plan", "per-device memory of the run's compiled programs on N devices, nothing allocated"),
     ]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="YAML config (defaults: the built-in RLOO arithmetic run)")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algo.kl_coef=0.02")
+        p = sub.add_parser(name, help=help_text, parents=[common])
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         if name == "eval":
@@ -41,39 +51,72 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags and `key=value` overrides in any order (`train a.b=1 --resume c.d=2`): argparse alone
+    would take only the first run of positionals."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are section.key=value)")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    from jaxrl_llm.errors import UserError
+
+    try:
+        return _run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        if e.__cause__ is not None:
+            message += " (--debug shows the traceback)"
+        print(f"jaxrl-llm {args.command}: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from jaxrl_llm.errors import UserError
+
     if args.command == "plan":
         if args.devices < 1:
-            print(f"jaxrl-llm: `--devices`: got {args.devices}, expected a positive integer", file=sys.stderr)
-            return 2
+            raise UserError(f"`--devices`: got {args.devices}, expected a positive integer.")
         from jaxrl_llm.training.plan import use_fake_cpu_devices
 
         use_fake_cpu_devices(args.devices)  # before anything starts JAX
     from jaxrl_llm.training import Trainer, export, load_config, train
+    from jaxrl_llm.training.logging import markdown_table, to_json
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ValueError as e:
-        print(f"jaxrl-llm: config error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     if args.command == "train":
         summary = train(config, resume=args.resume)
-        print(json.dumps({k: v for k, v in summary.items() if "accuracy" in k or k.startswith("reward/")}, indent=2))
+        print(to_json({k: v for k, v in summary.items() if "accuracy" in k or k.startswith("reward/")}, indent=2))
     elif args.command == "plan":
         from jaxrl_llm.training.plan import format_plan, plan
 
-        try:
-            result = plan(config, devices=args.devices, programs=tuple(args.programs.split(",")))
-        except ValueError as e:
-            print(f"jaxrl-llm: {e}", file=sys.stderr)
-            return 2
+        result = plan(config, devices=args.devices, programs=tuple(args.programs.split(",")))
         print(format_plan(result, device_memory_gb=args.device_memory_gb))
     elif args.command == "eval":
-        trainer = Trainer(config, resume=args.checkpoint)
-        print(json.dumps(trainer.evaluate(), indent=2))
+        trainer = Trainer(config)
+        if args.checkpoint:
+            step = trainer.restore(asked_by="--checkpoint")
+            print(f"evaluating step {step} of {trainer.checkpointer.directory}")
+        else:
+            print(f"evaluating the configured policy (model.path={config.model.path}, step 0; "
+                  "--checkpoint evaluates the run's latest checkpoint)")
+        metrics, rows = trainer.evaluate_with_samples()
+        if not metrics:
+            raise UserError(f"`task.name`: {config.task.name!r} has no held-out examples to evaluate.")
+        if rows:
+            print(markdown_table(rows))
+        print(to_json(metrics, indent=2))
     else:
-        print(f"wrote {export(config, args.output, step=args.step)}")
+        output, step = export(config, args.output, step=args.step)
+        print(f"wrote step {step} of {Path(config.train.run_dir) / 'checkpoints'} to {output}")
     return 0
 
 

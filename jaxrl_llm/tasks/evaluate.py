@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.tasks.base import Example
 
 
@@ -53,7 +54,7 @@ def _greedy(graphdef, state, input_ids, attention_mask, *, max_new_tokens, eos_i
 def greedy_generate(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int, pad_id: int) -> np.ndarray:
     """Greedy completions [B, max_new_tokens] (int32): EOS once, then ``pad_id``."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: got {max_new_tokens}, expected >= 1")
+        raise UserError(f"max_new_tokens: got {max_new_tokens}, expected >= 1")
     graphdef, state = nnx.split(model)
     out = _greedy(
         graphdef,
@@ -96,3 +97,21 @@ def greedy_accuracy(
     )
     texts, finished = decode_completions(tokenizer, completions)
     return task.accuracy(examples, texts, finished), texts, finished
+
+
+def pass_at_k(num_correct, num_samples: int, k: int) -> np.ndarray:
+    """Unbiased pass@k per prompt from `num_samples` (n) samples of which `num_correct` (c) are
+    right: 1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement
+    include a right one (Chen et al. 2021, "Evaluating Large Language Models Trained on Code",
+    eq. 1). With n = k it is 1 when any sample is right. Computed as a product, not with
+    factorials, so large n stays exact in float64."""
+    c = np.asarray(num_correct, np.int64)
+    if not 1 <= k <= num_samples:
+        raise UserError(f"`k`: got {k}, expected 1 <= k <= num_samples={num_samples}.")
+    if c.min(initial=0) < 0 or c.max(initial=0) > num_samples:
+        raise UserError(f"`num_correct`: got values in [{c.min()}, {c.max()}], expected 0..num_samples={num_samples}.")
+    # C(n-c, k) / C(n, k) = prod_{i = n-c+1}^{n} (1 - k / i); 0 when fewer than k are wrong.
+    i = np.arange(1, num_samples + 1)
+    terms = np.where(i[None, :] > num_samples - c.reshape(-1, 1), 1.0 - k / i[None, :], 1.0)
+    all_wrong = np.prod(terms, axis=1).reshape(c.shape)
+    return np.where(num_samples - c < k, 1.0, 1.0 - all_wrong)

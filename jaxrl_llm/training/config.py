@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxrl_llm.errors import UserError
+
 ALGORITHMS = ("reinforce", "vanilla_pg", "rloo", "ppo", "grpo", "raft")
 
 
@@ -143,12 +145,26 @@ class MeshConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (`pip install 'jaxrl_llm[wandb]'`): the same scalars and eval
+    samples TensorBoard gets, under `train.run_dir/wandb/`."""
+
+    project: str = "jaxrl_llm"
+    name: str | None = None  # the run's name in W&B; None: W&B picks one
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: no network, `wandb sync` later
+
+
+@dataclass
 class RunConfig:
     steps: int = 100
     seed: int = 0
     run_dir: str = "runs/default"
     eval_every: int = 25
     eval_temperature: float = 0.0  # 0: greedy
+    # k > 0: also sample k completions per held-out prompt at rollout.temperature and report
+    # eval/pass@k (a prompt counts if any of its k is right) and eval/mean@k (the share right).
+    eval_samples: int = 0
+    log_samples: int = 4  # held-out prompts whose completions each evaluation writes to samples.jsonl
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     logprob_chunk_size: int | None = 4096  # rows per chunk of the vocabulary log-softmax
@@ -159,6 +175,7 @@ class RunConfig:
     progress: bool = True
     plot: bool = True
     tensorboard: bool = True
+    wandb: WandbConfig | None = None  # e.g. {project: my-project, mode: offline}
 
 
 @dataclass
@@ -200,27 +217,27 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, option, where)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"`{where}`: got {value!r}, expected {_type_name(tp)}.")
+        raise UserError(f"`{where}`: got {value!r}, expected {_type_name(tp)}.")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ValueError(f"`{where}`: got {value!r}, expected one of {list(choices)}.")
+            raise UserError(f"`{where}`: got {value!r}, expected one of {list(choices)}.")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ValueError(f"`{where}`: got {value!r}, expected a list.")
+            raise UserError(f"`{where}`: got {value!r}, expected a list.")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"`{where}`: got {value!r}, expected a mapping.")
+            raise UserError(f"`{where}`: got {value!r}, expected a mapping.")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ValueError(f"`{where}`: got {value!r} ({type(value).__name__}), expected {tp.__name__}.")
+        raise UserError(f"`{where}`: got {value!r} ({type(value).__name__}), expected {tp.__name__}.")
     return value
 
 
@@ -229,11 +246,11 @@ def from_dict(cls, data, where: str = "config"):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"`{where}`: got {data!r}, expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}.")
+        raise UserError(f"`{where}`: got {data!r}, expected a mapping with keys {[f.name for f in dataclasses.fields(cls)]}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"`{where}`: unknown key(s) {unknown}; valid keys are {sorted(fields)}.")
+        raise UserError(f"`{where}`: unknown key(s) {unknown}; valid keys are {sorted(fields)}.")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where != "config" else name)
               for name, value in data.items()}
@@ -244,15 +261,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML) to nested `data`."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected the form section.key=value, e.g. algo.kl_coef=0.02.")
+            raise UserError(f"override {item!r}: expected the form section.key=value, e.g. algo.kl_coef=0.02.")
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         node = data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: `{key}` is not a section.")
-        node[keys[-1]] = _parse_value(raw)
+                raise UserError(f"override {item!r}: `{key}` is not a section.")
+        try:
+            node[keys[-1]] = _parse_value(raw)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: {raw!r} is not a YAML value (quote strings with special "
+                            "characters).") from None
     return data
 
 
@@ -292,39 +313,41 @@ def validate(config: Config) -> Config:
         (t.steps >= 0, "train.steps", t.steps, ">= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
+        (t.eval_samples >= 0, "train.eval_samples", t.eval_samples, ">= 0 (0: greedy accuracy only)"),
+        (t.log_samples >= 0, "train.log_samples", t.log_samples, ">= 0"),
         (config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, ">= 1"),
         (config.model.attention_block >= 1, "model.attention_block", config.model.attention_block, ">= 1"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),
     ]
     for ok, name, value, expected in checks:
         if not ok:
-            raise ValueError(f"`{name}`: got {value!r}, expected {expected}.")
+            raise UserError(f"`{name}`: got {value!r}, expected {expected}.")
     if a.ratio_level == "sequence" and a.name == "ppo":
-        raise ValueError("`algo.ratio_level`: got 'sequence', expected 'token' or None for ppo "
+        raise UserError("`algo.ratio_level`: got 'sequence', expected 'token' or None for ppo "
                          "(GAE gives one advantage per token, and a sequence ratio needs one per completion).")
     if a.ratio_level is not None and a.name == "raft":
-        raise ValueError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected None for raft (it has no ratio).")
+        raise UserError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected None for raft (it has no ratio).")
     sequences = r.prompts_per_step * a.num_samples
     update_sequences = sequences // a.num_minibatches
     if t.micro_batch_size is not None and (t.micro_batch_size < 1 or t.micro_batch_size % a.num_samples
                                            or update_sequences % t.micro_batch_size):
-        raise ValueError(f"`train.micro_batch_size`: got {t.micro_batch_size}, expected a multiple of "
+        raise UserError(f"`train.micro_batch_size`: got {t.micro_batch_size}, expected a multiple of "
                          f"algo.num_samples={a.num_samples} that divides the {update_sequences} sequences of "
                          "each update (micro-batches hold whole prompt groups).")
     if r.micro_batch_size is not None and (r.micro_batch_size < 1 or r.micro_batch_size % a.num_samples):
-        raise ValueError(f"`rollout.micro_batch_size`: got {r.micro_batch_size}, expected a multiple of "
+        raise UserError(f"`rollout.micro_batch_size`: got {r.micro_batch_size}, expected a multiple of "
                          f"algo.num_samples={a.num_samples} (the sampler generates whole prompt groups).")
     _check_remat(config.model.remat)
     if any(i < 0 for i in r.stop_token_ids):
-        raise ValueError(f"`rollout.stop_token_ids`: got {r.stop_token_ids!r}, expected non-negative token ids.")
+        raise UserError(f"`rollout.stop_token_ids`: got {r.stop_token_ids!r}, expected non-negative token ids.")
     if a.aggregation is not None:
         from jaxrl_llm.objectives import LOSS_AGGREGATIONS
 
         if a.aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"`algo.aggregation`: got {a.aggregation!r}, expected None or one of {list(LOSS_AGGREGATIONS)}.")
+            raise UserError(f"`algo.aggregation`: got {a.aggregation!r}, expected None or one of {list(LOSS_AGGREGATIONS)}.")
     for i, term in enumerate(config.reward.terms):
         if term.kind != "task" and not term.target:
-            raise ValueError(f"`reward.terms[{i}].target`: got None, expected a target for a {term.kind!r} reward.")
+            raise UserError(f"`reward.terms[{i}].target`: got None, expected a target for a {term.kind!r} reward.")
     return config
 
 
@@ -332,7 +355,7 @@ def _check_remat(remat: str) -> None:
     from jaxrl_llm.models.layers import REMAT_CHOICES
 
     if remat not in REMAT_CHOICES:
-        raise ValueError(f"`model.remat`: got {remat!r}, expected 'none', 'layer' or one of the "
+        raise UserError(f"`model.remat`: got {remat!r}, expected 'none', 'layer' or one of the "
                          f"jax.checkpoint_policies {list(REMAT_CHOICES[2:])}.")
 
 
@@ -340,9 +363,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     data = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"`--config`: no file at {str(path)!r}.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
     data = apply_overrides(data, list(overrides))
     return validate(from_dict(Config, data))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; an empty, malformed or non-mapping file is an error
+    naming the file (and the line and column YAML stopped at)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"`--config`: no file at {str(path)!r}.")
+    text = path.read_text()
+    if not text.strip():
+        raise UserError(f"`--config`: {str(path)!r} is empty; expected YAML sections such as `algo:` and "
+                        "`train:` (configs/rloo_arithmetic.yaml is the main job's recipe).")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"`--config`: {str(path)!r} is not valid YAML{where}: {problem}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"`--config`: {str(path)!r} holds a {type(data).__name__}, expected a mapping of "
+                        "sections (model, task, reward, algo, rollout, optim, mesh, train).")
+    return data

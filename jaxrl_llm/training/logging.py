@@ -1,4 +1,9 @@
-"""Where metrics go: `metrics.jsonl` (one line per step), TensorBoard events, a PNG at the end."""
+"""Where metrics go: `metrics.jsonl` (one line per step), `samples.jsonl` (eval completions),
+TensorBoard events, Weights & Biases when configured, a PNG at the end.
+
+Every JSON file here is strict JSON: a non-finite number (a NaN reward mean when every sample
+failed) is written as `null`, which every JSON reader accepts, never as a bare `NaN`.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,38 @@ import json
 import math
 from pathlib import Path
 
+SAMPLE_COLUMNS = ("prompt", "completion", "reward", "answer", "finished")
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by None (nested dicts, lists, tuples)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """Strict JSON (`allow_nan=False`) of `value`, non-finite floats as null."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, append: bool = False):
+    """Appends each step's metrics to `metrics.jsonl` and mirrors the finite scalars to
+    TensorBoard and W&B (`wandb`: a `WandbConfig`, or None); eval samples go to `samples.jsonl`
+    and, as a table, to both."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, append: bool = False, wandb=None,
+                 config: dict | None = None):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        if not append and self.path.exists():
-            self.path.unlink()
+        self.samples_path = run_dir / "samples.jsonl"
+        if not append:
+            for path in (self.path, self.samples_path):
+                path.unlink(missing_ok=True)
         self.history: list[dict] = []
         if append and self.path.exists():
             self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -21,25 +51,65 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb is not None:
+            from jaxrl_llm.training.wandb_sink import WandbSink
+
+            self.wandb = WandbSink(run_dir=run_dir, project=wandb.project, name=wandb.name, mode=wandb.mode,
+                                   config=config or {})
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, int(step))
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, int(step))
+        if self.wandb is not None:
+            self.wandb.log_scalars(step, scalars)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Eval completions (`SAMPLE_COLUMNS`) at `step`: JSON lines, a TensorBoard text table, a
+        W&B table."""
+        if not rows:
+            return
+        with self.samples_path.open("a") as f:
+            f.writelines(to_json({"step": int(step), **row}) + "\n" for row in rows)
+        if self.writer is not None:
+            self.writer.add_text("eval/samples", markdown_table(rows), int(step))
+        if self.wandb is not None:
+            self.wandb.log_text(step, "eval/samples", list(SAMPLE_COLUMNS),
+                                [[json_safe(row.get(c)) for c in SAMPLE_COLUMNS] for row in rows])
 
     def drop_after(self, step: int) -> None:
         """Forget rows past `step` (a resumed run replays them)."""
         self.history = [row for row in self.history if row["step"] <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        self.path.write_text("".join(to_json(row) + "\n" for row in self.history))
+        if self.samples_path.exists():
+            kept = [line for line in self.samples_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            self.samples_path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+def markdown_table(rows: list[dict], columns=SAMPLE_COLUMNS, *, width: int = 60) -> str:
+    """Rows as a Markdown table (TensorBoard renders it), each cell on one line, cut at `width`."""
+    def cell(value) -> str:
+        text = "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+        text = text.replace("\n", "⏎").replace("|", "\\|")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _plain(value):

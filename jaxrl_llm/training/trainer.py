@@ -39,7 +39,6 @@ without changing the update; `model.remat`, `model.scan_layers` and
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -52,16 +51,19 @@ import transformers
 from flax import nnx
 
 from jaxrl_llm import models, parallel
-from jaxrl_llm.rewards import RewardError, Sample, build_reward
+from jaxrl_llm.errors import UserError
+from jaxrl_llm.rewards import Sample, build_reward
 from jaxrl_llm.rollout import generate
 from jaxrl_llm.tasks import get_task
+from jaxrl_llm.tasks.evaluate import pass_at_k
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, minibatch_indices, take
 from jaxrl_llm.training.checkpoint import Checkpointer
 from jaxrl_llm.training.config import Config
-from jaxrl_llm.training.logging import MetricsLogger, plot_curves
+from jaxrl_llm.training.logging import MetricsLogger, plot_curves, to_json
 from jaxrl_llm.training.state import TrainState, step_keys
 
 BUILTIN_MODELS = {"builtin:tiny_arithmetic"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -75,11 +77,14 @@ def resolve_model_path(config: Config) -> tuple[str, str | None]:
 
         return str(default_policy_path()), None
     if path.startswith("builtin:"):
-        raise ValueError(f"`model.path`: got {path!r}, expected a directory, a GGUF file, or one of {sorted(BUILTIN_MODELS)}.")
+        raise UserError(f"`model.path`: got {path!r}, expected a directory, a GGUF file, or one of {sorted(BUILTIN_MODELS)}.")
     if path.endswith(".gguf") and os.path.isfile(path):
         return os.path.dirname(path) or ".", os.path.basename(path)
     if not os.path.exists(path):
-        raise ValueError(f"`model.path`: got {path!r}, which does not exist (no hub downloads: give a local path).")
+        raise UserError(f"`model.path`: got {path!r}, which does not exist (no hub downloads: give a local path).")
+    if gguf_file is None and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"`model.path`: {path!r} has no config.json; expected a Hugging Face model directory "
+                        "(config.json, *.safetensors, tokenizer files: what save_pretrained writes) or a GGUF file.")
     return path, gguf_file
 
 
@@ -97,11 +102,24 @@ def load_policy(config: Config):
     policy = models.from_pretrained(directory, dtype=jnp.dtype(m.param_dtype), gguf_file=gguf_file)
     policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
                          attention_block=m.attention_block)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(directory, gguf_file)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return policy, tokenizer
+
+
+def load_tokenizer(directory: str, gguf_file: str | None = None):
+    """The policy's tokenizer, saved beside its weights (or embedded in its GGUF file)."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    except (OSError, ValueError, TypeError) as e:
+        # Without its files, transformers tries to convert a slow tokenizer and asks for
+        # sentencepiece: the actual cause is the missing files.
+        found = sorted(name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name)))
+        raise UserError(f"`model.path`: no tokenizer could be loaded from {directory!r} (tokenizer files there: "
+                        f"{found or 'none'}); save the tokenizer with the model (tokenizer.save_pretrained) so "
+                        f"that it has tokenizer.json or tokenizer.model and tokenizer_config.json.") from e
 
 
 def stop_token_ids(config: Config, tokenizer) -> set[int]:
@@ -120,7 +138,7 @@ def stop_token_ids(config: Config, tokenizer) -> set[int]:
         if value is not None:
             ids.update([value] if isinstance(value, int) else value)
     if not ids:
-        raise ValueError(f"`model.path`: {directory!r} names no EOS token (tokenizer, config or generation "
+        raise UserError(f"`model.path`: {directory!r} names no EOS token (tokenizer, config or generation "
                          "config); set rollout.stop_token_ids so that completions can end.")
     return {int(i) for i in ids}
 
@@ -148,10 +166,13 @@ def encode_prompts(tokenizer, prompts: list[str], length: int | None = None):
     if length is None:
         enc = tokenizer(prompts, padding=True, pad_to_multiple_of=8, return_tensors="np")
     else:
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        longest = int(np.argmax(lengths))
+        if lengths[longest] > length:
+            raise UserError(f"`rollout.prompt_length`: got {length}, but the prompt {prompts[longest]!r} has "
+                            f"{lengths[longest]} tokens; set rollout.prompt_length >= {lengths[longest]} "
+                            "(or null: the longest prompt of each batch, padded to a multiple of 8).")
         enc = tokenizer(prompts, padding="max_length", max_length=length, return_tensors="np")
-        if enc["input_ids"].shape[1] != length:
-            longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
-            raise ValueError(f"`rollout.prompt_length`: got {length}, but a prompt has {longest} tokens.")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
@@ -249,10 +270,12 @@ class Trainer:
             self.restore()
         self.logger = None  # opened by `run()`: evaluating or exporting never touches the run's logs
 
-    def restore(self, step: int | None = None) -> None:
-        """Load the checkpoint of `step` (default: the latest) into this trainer."""
-        self.state, meta = self.checkpointer.restore(self.state, step)
+    def restore(self, step: int | None = None, *, asked_by: str = "--resume") -> int:
+        """Load the checkpoint of `step` (default: the latest) into this trainer; returns its step.
+        `asked_by` names the flag that asked, in the error when there is no such checkpoint."""
+        self.state, meta = self.checkpointer.restore(self.state, step, asked_by=asked_by)
         self.data_position = int(meta["data_position"])
+        return int(self.state.step)
 
     def _place(self, state: TrainState):
         """Parameters and optimizer state: replicated, or sharded over `fsdp`."""
@@ -289,14 +312,37 @@ class Trainer:
         return samples, scores, valid
 
     def evaluate(self) -> dict:
-        """Held-out accuracy (exact answer then EOS) with greedy decoding by default."""
+        """Held-out metrics: `eval/accuracy` of one completion per prompt (greedy by default), and
+        with `train.eval_samples: k`, `eval/pass@k` and `eval/mean@k` of k samples per prompt at
+        the training temperature."""
+        return self.evaluate_with_samples()[0]
+
+    def evaluate_with_samples(self) -> tuple[dict, list[dict]]:
+        """`evaluate()`'s metrics and the first `train.log_samples` held-out examples as rows of
+        prompt, completion, reward (the task's verifier), reference answer and finished."""
+        c = self.config
         if not self.eval_examples:
-            return {}
-        key = jax.random.PRNGKey(self.config.train.seed + 1)
-        rollout = self._sample(self.eval_examples, key, num_samples=1, temperature=self.config.train.eval_temperature)
+            return {}, []
+        key = jax.random.PRNGKey(c.train.seed + 1)  # the same draws at every evaluation
+        rollout = self._sample(self.eval_examples, key, num_samples=1, temperature=c.train.eval_temperature)
         texts, finished, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask),
                                                 self.eos_ids)
-        return {"eval/accuracy": exact_accuracy(self.task, self.eval_examples, texts, finished)}
+        scores = np.asarray(self.task.score_batch(self.eval_examples, texts, finished), np.float64)
+        metrics = {"eval/accuracy": float(np.mean(scores >= 1.0))}
+        k = c.train.eval_samples
+        if k:
+            rollout = self._sample(self.eval_examples, jax.random.fold_in(key, 1), num_samples=k,
+                                   temperature=c.rollout.temperature)
+            texts_k, finished_k, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens),
+                                                        np.asarray(rollout.mask), self.eos_ids)
+            repeated = [e for e in self.eval_examples for _ in range(k)]
+            correct = (np.asarray(self.task.score_batch(repeated, texts_k, finished_k)) >= 1.0).reshape(-1, k)
+            metrics[f"eval/pass@{k}"] = float(np.mean(pass_at_k(correct.sum(axis=1), k, k)))
+            metrics[f"eval/mean@{k}"] = float(correct.mean())
+        rows = [{"prompt": e.prompt, "completion": text, "reward": float(score), "answer": getattr(e, "answer", None),
+                 "finished": bool(done)}
+                for e, text, score, done in zip(self.eval_examples, texts, scores, finished)][: c.train.log_samples]
+        return metrics, rows
 
     # -- one RL step --------------------------------------------------------------------------
     def collect(self):
@@ -386,54 +432,111 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         first = int(self.state.step)
-        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-        self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=self.resumed)
+        (self.run_dir / "config.json").write_text(to_json(c.to_dict(), indent=2))
+        self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=self.resumed,
+                                    wandb=c.train.wandb, config=c.to_dict())
         if self.resumed:
             self.logger.drop_after(first)
+            print(f"resumed from step {first} of {self.checkpointer.directory}")
         summary = {"start_step": first}
-        before = self.evaluate()
+        before, rows = self.evaluate_with_samples()
         if before:
             summary["eval/accuracy_before"] = before["eval/accuracy"]
             if first == 0:
                 self.logger.log(0, before)  # the curve starts where the policy started
-            print(f"held-out accuracy before: {before['eval/accuracy']:.1%} ({len(self.eval_examples)} examples)")
-        progress = _progress(range(first, c.train.steps), enabled=c.train.progress)
-        last = {}
-        for step in progress:
-            metrics = self.step()
+                self.logger.log_samples(0, rows)
+            print(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
+        bar, last, latest_eval = None, {}, before.get("eval/accuracy")
+        for step in range(first, c.train.steps):
+            with CompileTimer() as compile_timer:
+                metrics = self.step()
             done = step + 1
             if self.eval_examples and (done % c.train.eval_every == 0 or done == c.train.steps):
-                metrics.update(self.evaluate())
+                evaluated, rows = self.evaluate_with_samples()
+                metrics.update(evaluated)
+                self.logger.log_samples(done, rows)
             self.logger.log(done, metrics)
             last = metrics
-            if hasattr(progress, "set_postfix"):
-                shown = {"reward": metrics["reward/mean"], "acc": metrics["train/accuracy"]}
-                if "kl" in metrics:  # raft has no reference
-                    shown["kl"] = metrics["kl"]
-                if "eval/accuracy" in metrics:
-                    shown["eval"] = metrics["eval/accuracy"]
-                progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+            if c.train.progress and bar is None:
+                # The first step of a process compiles the sampler, prepare and update: reported
+                # once here, and the bar starts after it so that its rate and ETA are steady-state.
+                print(f"step {done}: compiled in {compile_timer.seconds:.1f} s, step time "
+                      f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
+                bar = _progress_bar(initial=done, total=c.train.steps)
+            elif bar is not None:
+                bar.update(1)
+            latest_eval = metrics.get("eval/accuracy", latest_eval)
+            if bar is not None:
+                bar.set_postfix(_bar_fields(metrics, latest_eval))
             if done % c.train.checkpoint_every == 0 or done == c.train.steps:
                 self.save()
-        after = self.evaluate()
+        if bar is not None:
+            bar.close()
+        # The last step evaluated when it was the run's last; a run with no steps left evaluates here.
+        after = {k: v for k, v in last.items() if k.startswith("eval/")} or self.evaluate()
         if after:
             summary["eval/accuracy_after"] = after["eval/accuracy"]
-            print(f"held-out accuracy after:  {after['eval/accuracy']:.1%}")
+            print(f"held-out {_describe_eval(after)} after")
         if c.train.plot and self.logger.history:
             plot_curves(self.logger.history, self.run_dir / "curves.png", f"{c.algo.name} on {c.task.name}")
         summary.update(last)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / "summary.json").write_text(to_json(summary, indent=2))
         self.logger.close()
         print(f"run directory: {self.run_dir}")
         return summary
 
 
-def _progress(iterable, *, enabled: bool):
-    if not enabled:
-        return iterable
+def _describe_eval(metrics: dict) -> str:
+    """`accuracy 41.0% (greedy), pass@4 60.5%, mean@4 35.2%`."""
+    parts = [f"accuracy {metrics['eval/accuracy']:.1%}"]
+    parts += [f"{key.split('/', 1)[1]} {value:.1%}" for key, value in metrics.items()
+              if key.startswith(("eval/pass@", "eval/mean@"))]
+    return ", ".join(parts)
+
+
+def _bar_fields(metrics: dict, latest_eval: float | None) -> dict:
+    """What the progress bar shows, named for the samples each covers: the mean reward of
+    everything sampled this step, the exact-answer rate of the groups trained on, the KL to
+    the reference, and the latest held-out accuracy."""
+    shown = {"reward(all)": metrics["reward/mean"], "acc(trained)": metrics["train/accuracy"]}
+    if "kl" in metrics:  # raft has no reference
+        shown["kl"] = metrics["kl"]
+    if latest_eval is not None:
+        shown["eval"] = latest_eval
+    return {k: f"{v:.3f}" for k, v in shown.items()}
+
+
+def _progress_bar(*, initial: int, total: int):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc="RL steps", unit="step", dynamic_ncols=True)
+    return tqdm(initial=initial, total=total, desc="RL steps", unit="step", dynamic_ncols=True)
+
+
+class CompileTimer:
+    """Seconds JAX spent tracing, lowering and compiling inside a `with` block (from JAX's own
+    monitoring events, so cached programs count zero)."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+    _active: list[CompileTimer] = []
+    _registered = False
+
+    def __enter__(self):
+        if not CompileTimer._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileTimer._record)
+            CompileTimer._registered = True
+        self.seconds = 0.0
+        CompileTimer._active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        CompileTimer._active.remove(self)
+
+    @staticmethod
+    def _record(event: str, duration: float, **_) -> None:
+        if event in CompileTimer.EVENTS:
+            for timer in CompileTimer._active:
+                timer.seconds += duration
 
 
 def train(config: Config, *, resume: bool = False) -> dict:
@@ -441,15 +544,16 @@ def train(config: Config, *, resume: bool = False) -> dict:
     return Trainer(config, resume=resume).run()
 
 
-def export(config: Config, output: str | Path, *, step: int | None = None) -> Path:
-    """Write the policy of a run's checkpoint as a Hugging Face directory (`save_pretrained`)."""
+def export(config: Config, output: str | Path, *, step: int | None = None) -> tuple[Path, int]:
+    """Write the policy of a run's checkpoint (`step`, default the latest) as a Hugging Face
+    directory (`save_pretrained`); returns the directory and the step written."""
     trainer = Trainer(config)
-    trainer.restore(step)
+    step = trainer.restore(step, asked_by="train.run_dir" if step is None else "--step")
     policy = nnx.merge(trainer.graphdef, trainer.state.params["policy"])
     output = Path(output)
     models.save_pretrained(policy, output)
     trainer.tokenizer.save_pretrained(str(output))
-    return output
+    return output, step
 
 
 __all__ = ["Trainer", "export", "train"]

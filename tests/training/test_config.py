@@ -50,5 +50,5 @@ def test_bad_config_is_rejected_with_valid_keys(override, match):
 
 
 def test_cli_reports_config_errors(capsys):
-    assert main(["train", "algo.kl_coeff=0.1"]) == 2
+    assert main(["train", "--config", "configs/rloo_arithmetic.yaml", "algo.kl_coeff=0.1"]) == 2
     assert "valid keys are" in capsys.readouterr().err

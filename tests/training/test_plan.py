@@ -18,7 +18,8 @@ def test_plan_of_the_published_1b_config_on_8_fake_devices():
     """The CLI end to end, in a fresh process (fake devices must be set before JAX starts): a
     directory holding only config.json is enough, and nothing of the model's size is allocated."""
     assert sorted(os.listdir(LLAMA_1B)) == ["config.json"]
-    command = [sys.executable, "-m", "jaxrl_llm.cli", "plan", "--devices", "8", "--device-memory-gb", "80",
+    command = [sys.executable, "-m", "jaxrl_llm.cli", "plan", "--config", "configs/rloo_arithmetic.yaml", "--devices", "8",
+               "--device-memory-gb", "80", "rollout.oversample=1",
                f"model.path={LLAMA_1B}", "mesh.fsdp=8", "model.dtype=bfloat16", "model.remat=layer",
                "model.scan_layers=true", "rollout.prompts_per_step=8", "algo.num_samples=4",
                "rollout.prompt_length=64", "rollout.max_new_tokens=64", "train.micro_batch_size=16"]
