@@ -398,8 +398,9 @@ class Trainer:
         # every token of every minibatch exactly (a mean of minibatch means would weigh a short
         # minibatch like a long one). What `prepare` measured on the policy that sampled stands.
         metrics = {k: float(v) for k, v in metrics.items()}
-        for key, stat in jax.tree.map(lambda *parts: sum(parts), *update_stats).items():
-            metrics.setdefault(key, float(stat.mean))
+        # Summed on the host in numpy: one transfer, no eager device op per metric.
+        for key, stat in jax.tree.map(lambda *parts: np.sum(parts, axis=0), *jax.device_get(update_stats)).items():
+            metrics.setdefault(key, float(stat.total / stat.count) if stat.count else 0.0)
         for key in update_scalars[0]:  # per update: loss/total, grad_norm
             metrics[key] = float(np.mean([float(u[key]) for u in update_scalars]))
         scores, valid = np.asarray(batch.scores), np.asarray(batch.valid)
