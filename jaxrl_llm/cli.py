@@ -94,7 +94,8 @@ def _run(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.command == "train":
         summary = train(config, resume=args.resume)
-        print(to_json({k: v for k, v in summary.items() if "accuracy" in k or k.startswith("reward/")}, indent=2))
+        shown = ("eval/", "reward/", "train/accuracy")
+        print(to_json({k: v for k, v in summary.items() if k.startswith(shown)}, indent=2))
     elif args.command == "plan":
         from jaxrl_llm.training.plan import format_plan, plan
 
