@@ -166,13 +166,14 @@ def encode_prompts(tokenizer, prompts: list[str], length: int | None = None):
     if length is None:
         enc = tokenizer(prompts, padding=True, pad_to_multiple_of=8, return_tensors="np")
     else:
-        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        enc = tokenizer(prompts)  # tokenized once: checked, then padded
+        lengths = [len(ids) for ids in enc["input_ids"]]
         longest = int(np.argmax(lengths))
         if lengths[longest] > length:
             raise UserError(f"`rollout.prompt_length`: got {length}, but the prompt {prompts[longest]!r} has "
                             f"{lengths[longest]} tokens; set rollout.prompt_length >= {lengths[longest]} "
                             "(or null: the longest prompt of each batch, padded to a multiple of 8).")
-        enc = tokenizer(prompts, padding="max_length", max_length=length, return_tensors="np")
+        enc = tokenizer.pad(enc, padding="max_length", max_length=length, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
