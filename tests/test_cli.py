@@ -95,9 +95,11 @@ def test_model_directory_without_tokenizer_files(tmp_path):
     assert "sentencepiece" not in line
 
 
-def test_prompt_longer_than_prompt_length(tmp_path):
-    assert_one_line_error(cli("train", "--config", MAIN, "rollout.prompt_length=3", *FAST, cwd=tmp_path),
-                          "`rollout.prompt_length`: got 3, but the prompt", "tokens; set rollout.prompt_length >=")
+def test_every_prompt_skipped_for_length(tmp_path):
+    """Skipping long prompts never loops forever: when (nearly) all are too long, the setting is named."""
+    assert_one_line_error(cli("train", "--config", MAIN, "rollout.prompt_length=3", "rollout.long_prompts=skip", *FAST,
+                              cwd=tmp_path),
+                          "`rollout.prompt_length`: got 3, and", "are longer (rollout.long_prompts: skip)")
 
 
 def test_reward_function_returning_the_wrong_length(tmp_path):
@@ -105,7 +107,7 @@ def test_reward_function_returning_the_wrong_length(tmp_path):
     proc = cli("train", "--config", MAIN, *FAST, "train.steps=1", "train.run_dir=run",
                "reward.terms=[{kind: python, target: 'my_rewards:short'}]", cwd=tmp_path,
                env={"PYTHONPATH": str(tmp_path)})
-    assert_one_line_error(proc, "reward term my_rewards:short returned shape (15,), expected (16,)",
+    assert_one_line_error(proc, "reward term my_rewards:short returned shape (3,), expected (4,)",
                           "one score per completion")
 
 
@@ -143,16 +145,16 @@ def test_train_resume_eval_export_say_what_they_did(tmp_path):
 
     samples = [strict_json(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [row["step"] for row in samples] == [0] * 3 + [2] * 3 + [4] * 3  # before, and at every evaluation
-    assert set(samples[0]) == {"step", "prompt", "completion", "reward", "answer", "finished"}
+    assert set(samples[0]) == {"step", "prompt", "completion", "reward", "correct", "answer", "finished"}
     events = b"".join(f.read_bytes() for f in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert b"eval/samples" in events and samples[-1]["prompt"].encode() in events  # the TensorBoard text table
 
     evaluated = cli("eval", "--config", MAIN, "--checkpoint", *run, "train.eval_samples=3", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "evaluating step 4 of" in evaluated.stdout
-    assert "| prompt | completion | reward | answer | finished |" in evaluated.stdout
+    assert "| prompt | completion | reward | correct | answer | finished |" in evaluated.stdout
     metrics = strict_json(evaluated.stdout[evaluated.stdout.index("{"):])
-    assert set(metrics) == {"eval/accuracy", "eval/pass@3", "eval/mean@3"}
+    assert set(metrics) == {"eval/accuracy", "eval/reward", "eval/pass@3", "eval/mean@3"}
     assert metrics["eval/mean@3"] <= metrics["eval/pass@3"]
 
     exported = cli("export", "--config", MAIN, "--output", "hf", "--step", "3", *run, cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""Rewards: the task's verifier, Python functions, and reward models, combined with weights.
+"""Rewards: the task's verifier, built-in verifiers, Python functions in TRL's convention, and
+reward models, combined with weights.
 
 A reward term maps a batch of `Sample`s to one float each. `RewardFunction`
 sums the weighted terms, applies the missing-EOS penalty, optional clipping and
@@ -10,12 +11,17 @@ is dropped from the baseline and the loss.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.rewards import verifiers
 
 
 class Sample(NamedTuple):
@@ -44,21 +50,101 @@ def task_term(task) -> Term:
     return verifier
 
 
+def load_function(target: str, where: str = "`reward.terms[].target`") -> Callable:
+    """The function `target` names: `package.module:function`, or `path/to/file.py:function`."""
+    if not isinstance(target, str) or ":" not in target:
+        raise UserError(f"{where}: got {target!r}, expected 'package.module:function' or 'path/to/file.py:function'.")
+    module_name, fn_name = target.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise UserError(f"{where}: no file at {module_name!r} (a relative path in a config file is "
+                            "relative to that file; on the command line, to the working directory).")
+        # Files beside the reward file are importable from it, as when it is run as a script.
+        directory = os.path.dirname(os.path.abspath(module_name))
+        if directory not in sys.path:
+            sys.path.append(directory)
+        spec = importlib.util.spec_from_file_location(f"jaxrl_llm_rewards_{abs(hash(module_name))}", module_name)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise UserError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"{where}: cannot import {target!r} ({e}).") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"{where}: {module_name!r} has no function {fn_name!r}.")
+    return fn
+
+
+def trl_arguments(samples: Sequence[Sample]) -> dict:
+    """TRL's reward-function arguments for a batch: `prompts` (as the dataset holds them: text, or
+    chat messages), `completions` (text, or `[{"role": "assistant", "content": text}]` after a
+    chat prompt), `completion_ids` (EOS included when the completion ended), `finished`, and
+    every other column of the examples as a list (`answer` for the built-in tasks)."""
+    prompts, completions = [], []
+    for s in samples:
+        raw = s.example.prompt if getattr(s.example, "raw_prompt", None) is None else s.example.raw_prompt
+        prompts.append(raw)
+        completions.append([{"role": "assistant", "content": s.text}] if isinstance(raw, list) else s.text)
+    columns = [dict(getattr(s.example, "columns", None) or {}) for s in samples]
+    for row, s in zip(columns, samples):
+        if not row and getattr(s.example, "answer", None) is not None:
+            row["answer"] = s.example.answer
+    names = list(dict.fromkeys(name for row in columns for name in row))
+    arguments = {name: [row.get(name) for row in columns] for name in names}
+    arguments.update(prompts=prompts, completions=completions, completion_ids=[list(s.token_ids) for s in samples],
+                     finished=[bool(s.finished) for s in samples])
+    return arguments
+
+
 def python_term(target: str) -> Term:
-    """`"package.module:function"`, called as `function(prompts, completions) -> floats`."""
-    if ":" not in target:
-        raise UserError(f"`reward.terms[].target`: got {target!r}, expected 'package.module:function'.")
-    module_name, fn_name = target.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"`reward.terms[].target`: cannot import {target!r} ({e}).") from e
+    """A Python reward function in TRL's convention, called with keyword arguments:
+    `fn(prompts=..., completions=..., completion_ids=..., finished=..., **columns) -> floats`
+    (see `trl_arguments`). A function without `**kwargs` gets only the arguments it names, so
+    `fn(prompts, completions)` works too. A None score is NaN: an error, or a masked sample
+    with `reward.on_error=mask`."""
+    fn = load_function(target)
+    parameters = inspect.signature(fn).parameters.values()
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is inspect.Parameter.empty}
 
     def call(samples):
-        return fn([s.example.prompt for s in samples], [s.text for s in samples])
+        arguments = trl_arguments(samples)
+        missing = sorted(required - set(arguments))
+        if missing:
+            raise RewardError(f"reward function {target} needs the argument(s) {missing}, which the examples do "
+                              f"not have; it can be given {sorted(arguments)} (a dataset's columns are passed "
+                              "by name).")
+        return fn(**(arguments if takes_all else {k: v for k, v in arguments.items() if k in named}))
 
     call.__name__ = target
     return call
+
+
+def verifier_term(kind: str, pattern: str | None = None) -> Term:
+    """A built-in verifier (`rewards/verifiers.py`): `exact_match` or `numeric` against each
+    example's answer, or `regex` (a format reward: 1 when the completion matches `pattern`)."""
+    if kind == "regex":
+        score = verifiers.regex(pattern)
+    else:
+        score = verifiers.ANSWER_VERIFIERS[kind]
+
+    def verify(samples):
+        if kind != "regex":
+            missing = [i for i, s in enumerate(samples) if getattr(s.example, "answer", None) is None]
+            if missing:
+                raise RewardError(f"reward kind {kind!r} compares completions with reference answers, and the "
+                                  "examples have none; set task.options.answer_field.")
+        return [score(s.text, getattr(s.example, "answer", None), finished=s.finished) for s in samples]
+
+    verify.__name__ = kind if pattern is None else f"regex({pattern!r})"
+    return verify
 
 
 def _bucket(length: int, minimum: int = 16) -> int:
@@ -160,8 +246,9 @@ class RewardFunction:
             )
         return values
 
-    def __call__(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-        """Returns `(scores [N] float32, valid [N] bool)`; invalid samples have score 0."""
+    def __call__(self, samples: Sequence[Sample], *, normalize: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(scores [N] float32, valid [N] bool)`; invalid samples have score 0.
+        `normalize=False` skips the batch whitening (an evaluation reports raw rewards)."""
         total = np.zeros(len(samples))
         for weight, term in self.terms:
             total = total + weight * self._evaluate(term, samples)
@@ -170,7 +257,7 @@ class RewardFunction:
         valid = np.isfinite(total)
         if self.clip is not None:
             total = np.clip(total, -self.clip, self.clip)
-        if self.normalize and valid.sum() > 1:
+        if (self.normalize if normalize is None else normalize) and valid.sum() > 1:
             mean, std = total[valid].mean(), total[valid].std()
             total = (total - mean) / (std + 1e-8)
         return np.where(valid, total, 0.0).astype(np.float32), valid
@@ -178,14 +265,19 @@ class RewardFunction:
 
 def build_reward(reward_config, task) -> RewardFunction:
     """A `RewardFunction` from `RewardConfig` (see `training/config.py`)."""
+    from jaxrl_llm.tasks.base import task_verifies
     terms = []
     for i, spec in enumerate(reward_config.terms):
         if spec.kind == "task":
-            if task is None or not hasattr(task, "score_batch"):
-                raise UserError(f"`reward.terms[{i}]`: kind 'task' needs a task with a verifier.")
+            if task is None or not task_verifies(task):
+                raise UserError(f"`reward.terms[{i}]`: kind 'task' needs a task with a verifier, and task "
+                                f"{getattr(task, 'name', task)!r} has none (a dataset task needs answer_field); "
+                                "use kind python, exact_match, numeric, regex or reward_model.")
             terms.append((spec.weight, task_term(task)))
         elif spec.kind == "python":
             terms.append((spec.weight, python_term(spec.target)))
+        elif spec.kind in ("exact_match", "numeric", "regex"):
+            terms.append((spec.weight, verifier_term(spec.kind, spec.pattern)))
         else:
             terms.append((spec.weight, reward_model_term(spec.target, append_eos=spec.append_eos)))
     return RewardFunction(
@@ -197,4 +289,5 @@ def build_reward(reward_config, task) -> RewardFunction:
     )
 
 
-__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "python_term", "reward_model_term", "task_term"]
+__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "load_function", "python_term",
+           "reward_model_term", "task_term", "trl_arguments", "verifier_term"]

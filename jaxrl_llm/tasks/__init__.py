@@ -1,19 +1,24 @@
-"""Built-in tasks: deterministic prompt streams with verifiable rewards.
+"""Tasks: deterministic prompt streams, with verifiable rewards where there is an answer.
 
 ``get_task("arithmetic", max_operand=99)`` builds a task by name; ``TASKS`` lists the names.
+``dataset`` reads your own prompts from a file (see ``tasks/dataset.py``).
 """
 
 from __future__ import annotations
 
+import inspect
+
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.tasks.arithmetic import ArithmeticTask, accuracy, default_policy_path
-from jaxrl_llm.tasks.base import Example, Task
+from jaxrl_llm.tasks.base import Example, Task, task_verifies
+from jaxrl_llm.tasks.dataset import DatasetTask
 
-TASKS = {"arithmetic": ArithmeticTask}
+TASKS = {"arithmetic": ArithmeticTask, "dataset": DatasetTask}
 
 
-def get_task(name: str, **options) -> Task:
-    """The task registered under ``name``, built with keyword ``options``.
+def get_task(name: str, *, tokenizer=None, **options) -> Task:
+    """The task registered under ``name``, built with keyword ``options`` (and the policy's
+    ``tokenizer``, for the tasks that take one: chat templates).
 
     Raises:
       ValueError: ``name`` is not a registered task (the message lists the valid names), or an
@@ -21,10 +26,19 @@ def get_task(name: str, **options) -> Task:
     """
     if name not in TASKS:
         raise UserError(f"name: unknown task {name!r}, expected one of {sorted(TASKS)}")
+    parameters = inspect.signature(TASKS[name]).parameters
+    if "tokenizer" in parameters:
+        options = {**options, "tokenizer": tokenizer}
+    valid = sorted(p for p in parameters if p != "tokenizer")
+    unknown = sorted(set(options) - set(parameters))
+    if unknown:
+        raise UserError(f"`task.options`: unknown option(s) {unknown} for task {name!r}; it takes {valid}.")
     try:
-        return TASKS[name](**options)
-    except TypeError as err:  # unknown keyword: report it as a bad argument like every other check
-        raise UserError(f"options: {err}") from None
+        inspect.signature(TASKS[name]).bind(**options)
+    except TypeError as err:  # a missing option, checked before the task runs
+        raise UserError(f"`task.options`: {err} (task {name!r} takes {valid}).") from None
+    return TASKS[name](**options)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "Example", "Task", "accuracy", "default_policy_path", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "DatasetTask", "Example", "Task", "accuracy", "default_policy_path", "get_task",
+           "task_verifies"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -11,10 +11,17 @@ from jaxrl_llm.errors import UserError
 
 
 class Example(NamedTuple):
-    """One prompt and the exact completion text that earns full reward (EOS not included)."""
+    """One prompt and its reference answer.
+
+    `prompt` is the text the policy is given (a chat template already applied). A dataset row
+    also keeps the prompt as the dataset holds it (`raw_prompt`: a string or a list of chat
+    messages) and its other fields (`columns`), which reward functions receive.
+    """
 
     prompt: str
-    answer: str
+    answer: str | None  # the built-in tasks: the exact completion that earns full reward (no EOS)
+    raw_prompt: Any = None  # None: the same as `prompt`
+    columns: Mapping[str, Any] | None = None  # None: no fields besides prompt and answer
 
 
 class Task(Protocol):
@@ -35,6 +42,11 @@ class Task(Protocol):
     def score_batch(
         self, examples: Sequence[Example], texts: Sequence[str], finished: Sequence[bool] | np.ndarray
     ) -> np.ndarray: ...
+
+
+def task_verifies(task) -> bool:
+    """Whether `task` has a verifier (`score_batch`): a dataset without answers has none."""
+    return bool(getattr(task, "verifies", hasattr(task, "score_batch")))
 
 
 def check_batch_lengths(examples: Sequence, texts: Sequence, finished: Sequence | np.ndarray) -> None:

@@ -12,6 +12,8 @@ K=4 for RLOO, gamma 1, lambda 0.95, clip 0.2, lr 1e-6 for real models).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +53,8 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """Where prompts come from (and the verifier, when the task has one)."""
+    """Where prompts come from (and the verifier, when the task has one): the built-in
+    `arithmetic`, or `dataset` (your own file; its options are listed in tasks/dataset.py)."""
 
     name: str = "arithmetic"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the task's constructor
@@ -62,9 +65,14 @@ class TaskConfig:
 class RewardSpec:
     """One reward term; the total reward is the weighted sum of the terms."""
 
-    kind: Literal["task", "python", "reward_model"] = "task"
+    # task: the task's verifier; exact_match / numeric: a built-in verifier against the answer;
+    # regex: 1 when the completion matches `pattern`; python: a function in TRL's convention;
+    # reward_model: a sequence-classification checkpoint.
+    kind: Literal["task", "exact_match", "numeric", "regex", "python", "reward_model"] = "task"
     weight: float = 1.0
-    target: str | None = None  # "module:function" for python, a checkpoint directory for reward_model
+    # python: "package.module:function" or "path/to/rewards.py:function"; reward_model: a directory.
+    target: str | None = None
+    pattern: str | None = None  # regex only: searched for in the completion (Python `re` syntax)
     # reward_model only: score prompt + completion + EOS, the text reward models are trained to
     # score at (the EOS is added when the completion did not end with it).
     append_eos: bool = True
@@ -115,7 +123,13 @@ class AlgoConfig:
 @dataclass
 class RolloutConfig:
     prompts_per_step: int = 64
-    prompt_length: int | None = None  # pad prompts to exactly this many tokens; None: a multiple of 8
+    # The longest prompt, in tokens. Prompts are padded to a few fixed widths (powers of two from
+    # 16, capped at this), so compiled steps repeat. None: no limit.
+    prompt_length: int | None = None
+    # A prompt longer than prompt_length: "truncate" keeps its last prompt_length tokens (the
+    # question, near the end, survives), "skip" trains on the next prompt instead. Counted in
+    # the metrics data/truncated and data/skipped.
+    long_prompts: Literal["truncate", "skip"] = "truncate"
     oversample: float = 1.0  # sample this many times more prompts; train on the groups whose rewards differ
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -346,8 +360,19 @@ def validate(config: Config) -> Config:
         if a.aggregation not in LOSS_AGGREGATIONS:
             raise UserError(f"`algo.aggregation`: got {a.aggregation!r}, expected None or one of {list(LOSS_AGGREGATIONS)}.")
     for i, term in enumerate(config.reward.terms):
-        if term.kind != "task" and not term.target:
+        if term.kind in ("python", "reward_model") and not term.target:
             raise UserError(f"`reward.terms[{i}].target`: got None, expected a target for a {term.kind!r} reward.")
+        if term.kind == "regex":
+            try:
+                re.compile(term.pattern or "")
+            except re.error as e:
+                raise UserError(f"`reward.terms[{i}].pattern`: {term.pattern!r} is not a regular expression ({e}).") from None
+            if not term.pattern:
+                raise UserError(f"`reward.terms[{i}].pattern`: got {term.pattern!r}, expected a regular expression "
+                                "for a 'regex' reward.")
+        elif term.pattern is not None:
+            raise UserError(f"`reward.terms[{i}].pattern`: got {term.pattern!r}, but only kind 'regex' takes a pattern "
+                            f"(this term is {term.kind!r}).")
     return config
 
 
@@ -363,9 +388,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     data = {}
     if path is not None:
-        data = read_yaml(path)
+        data = resolve_relative_paths(read_yaml(path), Path(path).parent)
     data = apply_overrides(data, list(overrides))
     return validate(from_dict(Config, data))
+
+
+def resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Paths a config file names for its own data (`task.options.path` and `eval_path`, reward
+    files `path/to/rewards.py:function`) are relative to the file, so that a recipe runs from
+    any directory. Paths given as overrides stay relative to the working directory."""
+
+    def resolve(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(base / path)
+
+    options = (data.get("task") or {}).get("options") if isinstance(data.get("task"), dict) else None
+    if isinstance(options, dict):
+        for key in ("path", "eval_path"):
+            if isinstance(options.get(key), str):
+                options[key] = resolve(options[key])
+    terms = (data.get("reward") or {}).get("terms") if isinstance(data.get("reward"), dict) else None
+    for term in terms if isinstance(terms, list) else []:
+        target = term.get("target") if isinstance(term, dict) else None
+        if isinstance(target, str) and term.get("kind") == "python" and ".py:" in target:
+            file, function = target.rsplit(":", 1)
+            term["target"] = f"{resolve(file)}:{function}"
+    return data
 
 
 def read_yaml(path: str | Path) -> dict:

