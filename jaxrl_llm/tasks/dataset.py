@@ -4,6 +4,7 @@
 
     path: prompts.jsonl      # .jsonl, .json, .parquet, .csv, or a `save_to_disk` directory
     prompt_field: prompt     # a string, or a list of chat messages ({role, content})
+    prompt_template: null    # or a format string of the row's fields: "Question: {question}\nAnswer:"
     answer_field: answer     # optional: the reference answer the verifiers compare with
     eval_path: null          # a held-out file, or:
     eval_fraction: 0.0       # the share of `path` held out (a fixed split, whatever the seed)
@@ -104,13 +105,19 @@ class DatasetTask:
 
     name = "dataset"
 
-    def __init__(self, path: str, prompt_field: str = "prompt", answer_field: str | None = None,
+    def __init__(self, path: str, prompt_field: str | None = None, answer_field: str | None = None,
                  eval_path: str | None = None, eval_fraction: float = 0.0, shuffle_seed: int = 0,
                  chat_template: bool = False, verifier: str | None = None, split: str = "train",
-                 tokenizer=None):
-        for option, value in (("prompt_field", prompt_field), ("answer_field", answer_field)):
+                 prompt_template: str | None = None, tokenizer=None):
+        for option, value in (("prompt_field", prompt_field), ("answer_field", answer_field),
+                              ("prompt_template", prompt_template)):
             if value is not None and not isinstance(value, str):
-                raise UserError(f"`task.options.{option}`: got {value!r}, expected a column name (a string).")
+                raise UserError(f"`task.options.{option}`: got {value!r}, expected a string.")
+        if prompt_template is not None and prompt_field is not None:
+            raise UserError("`task.options.prompt_template`: give it or prompt_field, not both (the template "
+                            "names the fields it uses, e.g. 'Question: {question}\\nAnswer:').")
+        if prompt_template is None and prompt_field is None:
+            prompt_field = "prompt"
         if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int) or shuffle_seed < 0:
             raise UserError(f"`task.options.shuffle_seed`: got {shuffle_seed!r}, expected an int >= 0.")
         if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
@@ -129,6 +136,7 @@ class DatasetTask:
             raise UserError(f"`task.options.verifier`: got {verifier!r}, but there is no answer to verify "
                             "against; set task.options.answer_field.")
         self.path, self.prompt_field, self.answer_field = os.fspath(path), prompt_field, answer_field
+        self.prompt_template = prompt_template
         self.shuffle_seed = shuffle_seed
         self.verifier = verifier
         self.verifies = verifier is not None
@@ -163,6 +171,10 @@ class DatasetTask:
             if field is not None and field not in rows.column_names:
                 raise UserError(f"`task.options.{option}`: got {field!r}, but {path!r} has the columns "
                                 f"{rows.column_names}.")
+        if self.prompt_template is not None:
+            for i in range(len(rows)):
+                self._fill(rows[i], f"row {i} of {path!r}")
+            return
         for i, prompt in enumerate(rows[self.prompt_field]):
             if isinstance(prompt, str):
                 continue
@@ -203,10 +215,23 @@ class DatasetTask:
 
         return render
 
+    def _fill(self, row: dict, where: str) -> str:
+        """`prompt_template` filled with the row's fields."""
+        try:
+            return self.prompt_template.format(**row)
+        except KeyError as e:
+            raise UserError(f"`task.options.prompt_template`: names the field {e.args[0]!r}, but {where} has the "
+                            f"fields {sorted(row)} (a literal brace is written {{{{ or }}}}).") from None
+        except (ValueError, IndexError) as e:
+            raise UserError(f"`task.options.prompt_template`: {self.prompt_template!r} is not a format string of "
+                            f"field names ({e}; a literal brace is written {{{{ or }}}}).") from None
+
     def _example(self, row: dict) -> Example:
-        raw = row[self.prompt_field]
+        if self.prompt_template is not None:
+            raw, columns = self._fill(row, "the row"), dict(row)
+        else:
+            raw, columns = row[self.prompt_field], {k: v for k, v in row.items() if k != self.prompt_field}
         answer = None if self.answer_field is None else str(row[self.answer_field])
-        columns = {k: v for k, v in row.items() if k != self.prompt_field}
         return Example(self._render(raw) if self._render else raw, answer, raw, columns)
 
     # -- the Task protocol -------------------------------------------------------------------------

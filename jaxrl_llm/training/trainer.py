@@ -177,9 +177,10 @@ def prompt_width(longest: int, limit: int | None) -> int:
     return width if limit is None else min(width, limit)
 
 
-def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts: str):
+def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts: str, bos_id: int | None = None):
     """The examples whose prompts fit in `limit` tokens, a longer one truncated from the left or
-    skipped (`long_prompts`): `(examples, rows, truncated, skipped)`."""
+    skipped (`long_prompts`): `(examples, rows, truncated, skipped)`. A truncated prompt that
+    starts with `bos_id` keeps it (models such as Gemma are lost without their BOS)."""
     if limit is None:
         return list(examples), list(rows), 0, 0
     kept, kept_rows, truncated, skipped = [], [], 0, 0
@@ -188,7 +189,8 @@ def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts
             if long_prompts == "skip":
                 skipped += 1
                 continue
-            ids, truncated = ids[len(ids) - limit:], truncated + 1
+            head = ids[:1] if bos_id is not None and ids[0] == bos_id and limit > 1 else []
+            ids, truncated = head + ids[len(ids) - limit + len(head):], truncated + 1
         kept.append(example)
         kept_rows.append(ids)
     return kept, kept_rows, truncated, skipped
@@ -268,7 +270,8 @@ class Trainer:
         eval_examples = eval_examples[: c.task.num_eval] if c.task.num_eval else eval_examples
         # Held-out prompts are tokenized (and fitted to rollout.prompt_length) once.
         self.eval_examples, self.eval_rows, truncated, skipped = fit_prompts(
-            eval_examples, self._tokenize(eval_examples), c.rollout.prompt_length, c.rollout.long_prompts)
+            eval_examples, self._tokenize(eval_examples), c.rollout.prompt_length, c.rollout.long_prompts,
+            self.tokenizer.bos_token_id)
         if truncated or skipped:
             print(f"held-out set: {truncated + skipped} of {len(eval_examples)} prompts are longer than "
                   f"rollout.prompt_length={c.rollout.prompt_length} tokens: "
@@ -336,7 +339,8 @@ class Trainer:
                                 "skip); raise prompt_length or set long_prompts: truncate.")
             batch = self.task.train_batch(self.data_position + read, n - len(examples))
             read += len(batch)
-            fitted = fit_prompts(batch, self._tokenize(batch), r.prompt_length, r.long_prompts)
+            fitted = fit_prompts(batch, self._tokenize(batch), r.prompt_length, r.long_prompts,
+                                 self.tokenizer.bos_token_id)
             examples += fitted[0]
             rows += fitted[1]
             truncated, skipped = truncated + fitted[2], skipped + fitted[3]

@@ -74,6 +74,19 @@ def test_eval_fraction_is_a_fixed_split_and_eval_path_a_file(tmp_path):
     assert DatasetTask(path).eval_examples() == []
 
 
+def test_prompt_template_fills_the_rows_fields(tmp_path):
+    rows = [{"question": "1+2", "answer": 3, "topic": "sums"}]
+    task = DatasetTask(write(tmp_path, "jsonl", rows), prompt_template="{topic}: {question}={{", answer_field="answer")
+    example = task.train_example(0)
+    assert example.prompt == example.raw_prompt == "sums: 1+2={" and example.columns["question"] == "1+2"
+    with pytest.raises(UserError, match=r"names the field 'level', but row 0 of .* has the fields \['answer', "):
+        DatasetTask(write(tmp_path, "jsonl", rows), prompt_template="{level}: {question}")
+    with pytest.raises(UserError, match=r"is not a format string"):
+        DatasetTask(write(tmp_path, "jsonl", rows), prompt_template="{question")
+    with pytest.raises(UserError, match=r"`task.options.prompt_template`: give it or prompt_field, not both"):
+        DatasetTask(write(tmp_path, "jsonl", rows), prompt_template="{question}", prompt_field="question")
+
+
 def test_verifier_scores_against_the_answer_field(tmp_path):
     task = DatasetTask(write(tmp_path, "jsonl"), answer_field="answer", verifier="numeric")
     examples = [Example("0+1=", "1"), Example("1+1=", "2"), Example("2+1=", "3")]

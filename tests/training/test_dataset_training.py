@@ -9,7 +9,7 @@ import pytest
 
 from jaxrl_llm import UserError
 from jaxrl_llm.training import Trainer
-from jaxrl_llm.training.trainer import prompt_width
+from jaxrl_llm.training.trainer import fit_prompts, prompt_width
 
 SHORT = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 3), (4, 5), (6, 7)]]  # 4 tokens
 LONG = [f"{a}+{b}=" for a, b in [(123, 456), (789, 12), (3456, 7)]]  # 7-8 tokens
@@ -32,6 +32,14 @@ def dataset_config(toy_config, tmp_path, prompts, *overrides, with_answers=True)
 def test_prompt_widths_are_a_few_buckets():
     assert [prompt_width(n, None) for n in (1, 5, 16, 17, 100)] == [16, 16, 16, 32, 128]
     assert [prompt_width(n, 6) for n in (3, 6)] == [6, 6] and prompt_width(70, 100) == 100
+
+
+def test_truncation_keeps_the_bos_token():
+    rows = [[1, 5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [1, 5]]
+    kept, fitted, truncated, skipped = fit_prompts("abc", rows, 4, "truncate", bos_id=1)
+    assert fitted == [[1, 7, 8, 9], [6, 7, 8, 9], [1, 5]] and (truncated, skipped) == (2, 0) and kept == list("abc")
+    assert fit_prompts("abc", rows, 4, "skip", bos_id=1)[1:] == ([[1, 5]], 0, 2)
+    assert fit_prompts("abc", rows, None, "skip")[1] == rows
 
 
 def test_long_prompts_are_truncated_from_the_left_and_counted(toy_config, tmp_path, tiny_policy_dir):
