@@ -25,7 +25,7 @@ README commands name shipped files.
 
 The "Your own data" section is run for real, shortened: its data block, its reward file (the
 ``python`` block whose first line is ``# <name>.py``, saved under that name) and its ``jaxrl-llm
-train`` command, in one directory.
+train ... task.name=dataset`` command, in one directory.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def test_your_own_data_section_trains(tmp_path):
     section = [b for b in BLOCKS if b.heading == "Your own data"]
     files = [b for b in section if b.lang == "python" and re.fullmatch(r"# \S+\.py", b.code.splitlines()[0])]
     scripts = [b for b in section if b.lang == "python" and b not in files]
-    train = [c for b in section if b.lang == "bash" for c in commands(b.code) if c[:2] == ["jaxrl-llm", "train"]]
+    train = [c for b in section if b.lang == "bash" for c in commands(b.code)
+             if c[:2] == ["jaxrl-llm", "train"] and "task.name=dataset" in c]
     assert len(files) == 1 and len(scripts) == 1 and len(train) == 1
     (tmp_path / files[0].code.splitlines()[0][2:]).write_text(files[0].code)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
