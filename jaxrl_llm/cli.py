@@ -65,10 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from jaxrl_llm.errors import UserError
+    from jaxrl_llm.errors import Interrupted, UserError
 
     try:
         return _run(args)
+    except Interrupted as e:  # SIGINT / SIGTERM: 128 + the signal's number, as a shell reports it
+        print(f"jaxrl-llm {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         if args.debug:
             raise

@@ -14,4 +14,15 @@ class UserError(ValueError):
     """Bad input, named: `str(error)` is the whole message a user needs."""
 
 
-__all__ = ["UserError"]
+
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM; the CLI exits with 128 + the signal's number. A
+    `KeyboardInterrupt`, like Ctrl-C, so that no `except Exception` on the way (a reward
+    function's error handling, say) mistakes it for a failure."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+__all__ = ["Interrupted", "UserError"]

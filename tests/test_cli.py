@@ -99,7 +99,7 @@ def test_every_prompt_skipped_for_length(tmp_path):
     """Skipping long prompts never loops forever: when (nearly) all are too long, the setting is named."""
     assert_one_line_error(cli("train", "--config", MAIN, "rollout.prompt_length=3", "rollout.long_prompts=skip", *FAST,
                               cwd=tmp_path),
-                          "`rollout.prompt_length`: got 3, and", "are longer (rollout.long_prompts: skip)")
+                          "`rollout.prompt_length`: ", "are longer than 3 tokens (rollout.long_prompts: skip)")
 
 
 def test_reward_function_returning_the_wrong_length(tmp_path):

@@ -177,6 +177,9 @@ class DatasetTask:
             return
         for i, prompt in enumerate(rows[self.prompt_field]):
             if isinstance(prompt, str):
+                if not prompt.strip():
+                    raise UserError(f"`task.options.prompt_field`: row {i} of {path!r} has an empty prompt "
+                                    f"({prompt!r}); remove the row or fill it in.")
                 continue
             if not _is_messages(prompt):
                 raise UserError(f"`task.options.prompt_field`: row {i} of {path!r} has the prompt {prompt!r} "

@@ -2,13 +2,18 @@
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a crash mid-save never corrupts the last good checkpoint; `max_to_keep` prunes
-old ones only after a newer one is complete. The state is stored as a flat
+old ones only after a newer one is complete. What a crash leaves behind is
+skipped with a warning naming it: a temporary directory (a save killed before its
+rename), and a step directory that does not restore (damaged after the fact, or
+on a filesystem without atomic renames), in which case the step before it is
+used (`tests/training/test_interruptions.py`). The state is stored as a flat
 `{"params/policy/...": array}` mapping (plain string keys, whatever pytree
 classes the state uses), restored into the structure and shardings of a template.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -16,6 +21,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrl_llm.errors import UserError
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory being written
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _flat(tree) -> dict[str, jax.Array]:
@@ -47,19 +59,55 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def incomplete(self) -> list[Path]:
+        """Temporary directories of saves that never finished (the process died mid-write)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if TMP_MARK in p.name)
+
     def restore(self, template, step: int | None = None, *, asked_by: str = "--resume"):
-        """`(state, metadata)` of `step` (default: the latest), shaped and sharded like `template`.
-        `asked_by` is the flag or argument that asked for it, named in the error when there is none."""
+        """`(state, metadata)` of `step` (default: the latest that restores), shaped and sharded
+        like `template`. `asked_by` is the flag or argument that asked for it, named in the error
+        when there is none. Incomplete saves and damaged step directories are skipped with a
+        warning naming them; an explicitly asked-for step that is damaged is an error."""
+        for path in self.incomplete():
+            _warn(f"{path} is an incomplete checkpoint (its save was interrupted); skipped.")
         steps = self.all_steps()
         if not steps:
             raise UserError(f"`{asked_by}`: no checkpoint under {str(self.directory)!r}; train first (the "
                             "checkpoints are written to train.run_dir), or point train.run_dir at the run.")
-        if step is None:
-            step = self.latest_step()
-        elif step not in steps:
-            raise UserError(f"`{asked_by}`: got step {step}, but {str(self.directory)!r} has checkpoints of "
-                            f"steps {sorted(steps)}.")
+        if step is not None:
+            if step not in steps:
+                raise UserError(f"`{asked_by}`: got step {step}, but {str(self.directory)!r} has checkpoints of "
+                                f"steps {sorted(steps)}.")
+            try:
+                return self._restore(template, step)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"`{asked_by}`: the checkpoint {self.directory / str(step)} does not restore "
+                                f"({type(e).__name__}: {str(e)[:300]}).") from e
+        failures = []
+        for candidate in sorted(steps, reverse=True):
+            try:
+                return self._restore(template, candidate)
+            except UserError:
+                raise  # a checkpoint of another model or algorithm: not damage
+            except Exception as e:  # damaged: name it, fall back to the step before
+                failures.append(f"step {candidate}: {type(e).__name__}: {e}")
+                _warn(f"the checkpoint {self.directory / str(candidate)} does not restore ({type(e).__name__}: "
+                      f"{str(e)[:200]}); skipped, trying the one before.")
+        raise UserError(f"`{asked_by}`: no checkpoint under {str(self.directory)!r} restores: {failures[0]}")
+
+    def _restore(self, template, step: int):
         flat_template = _flat(template)
+        # Another model or algorithm's checkpoint is a user error, told apart from damage by the
+        # names stored in its metadata (damaged metadata raises here and counts as damage).
+        stored = set(self.manager.item_metadata(step)["state"].keys())
+        missing, extra = sorted(set(flat_template) - stored), sorted(stored - set(flat_template))
+        if missing or extra:
+            held = f"lacks {missing[:5]}" if missing else f"holds {extra[:5]}, which this run does not have"
+            raise UserError(f"checkpoint step {step} {held} (written by another model or algorithm?).")
         abstract = {
             key: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
             for key, x in flat_template.items()
@@ -67,9 +115,6 @@ class Checkpointer:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
-        missing = sorted(set(flat_template) - set(restored.state))
-        if missing:
-            raise UserError(f"checkpoint step {step} lacks {missing[:5]} (written by another model or algorithm?).")
         leaves = [restored.state[key] for key in flat_template]
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
         return state, dict(restored.meta)

@@ -85,6 +85,9 @@ class RewardConfig:
     clip: float | None = None  # clip the total reward to [-clip, clip]
     normalize: bool = False  # whiten the total reward over the batch
     on_error: Literal["raise", "mask"] = "raise"  # a term that raises or returns NaN: fail, or drop the sample
+    # With on_error=mask: stop after this many consecutive steps in which no sample got a reward
+    # (each such step trains on nothing and is warned about).
+    max_invalid_steps: int = 3
 
 
 @dataclass
@@ -187,6 +190,9 @@ class RunConfig:
     # is the same as in one pass. None: the whole batch at once.
     micro_batch_size: int | None = None
     progress: bool = True
+    # A non-finite loss or gradient: "stop" (the update is not applied; the run stops without
+    # saving, the last checkpoint intact) or "skip" (that update is dropped, a warning, training goes on).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     plot: bool = True
     tensorboard: bool = True
     wandb: WandbConfig | None = None  # e.g. {project: my-project, mode: offline}
@@ -329,6 +335,7 @@ def validate(config: Config) -> Config:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
         (t.eval_samples >= 0, "train.eval_samples", t.eval_samples, ">= 0 (0: greedy accuracy only)"),
         (t.log_samples >= 0, "train.log_samples", t.log_samples, ">= 0"),
+        (config.reward.max_invalid_steps >= 1, "reward.max_invalid_steps", config.reward.max_invalid_steps, ">= 1"),
         (config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, ">= 1"),
         (config.model.attention_block >= 1, "model.attention_block", config.model.attention_block, ">= 1"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),

@@ -38,8 +38,12 @@ without changing the update; `model.remat`, `model.scan_layers` and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +55,7 @@ import transformers
 from flax import nnx
 
 from jaxrl_llm import models, parallel
-from jaxrl_llm.errors import UserError
+from jaxrl_llm.errors import Interrupted, UserError
 from jaxrl_llm.rewards import Sample, build_reward
 from jaxrl_llm.rollout import generate
 from jaxrl_llm.tasks import get_task, task_verifies
@@ -116,7 +120,19 @@ def load_policy(config: Config):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    rows = policy.input_embedding_matrix().shape[0]
+    if len(tokenizer) > rows:  # ids past the table would be clamped silently by the embedding gather
+        raise UserError(f"`model.path`: the tokenizer in {directory!r} has {len(tokenizer)} tokens, but the model's "
+                        f"embedding table has {rows} rows; the tokenizer belongs to another model (save the "
+                        "model's own tokenizer beside its weights).")
     return policy, tokenizer
+
+
+def context_length(policy) -> int | None:
+    """The longest sequence the policy was trained for (`max_position_embeddings`), if it says."""
+    config = policy.hf_config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def load_tokenizer(directory: str, gguf_file: str | None = None):
@@ -235,12 +251,27 @@ def informative_rows(scores, valid, num_samples: int, num_groups: int) -> np.nda
 
 def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch):
     """One optimizer step on `batch` (micro-batch by micro-batch when configured):
-    `(new state, (aux Stats, {"loss/total", "grad_norm"}))`."""
+    `(new state, (aux Stats, {"loss/total", "grad_norm", "finite"}))`.
+
+    A non-finite loss or gradient norm leaves the state as it was (`finite` False): applied, a
+    NaN would reach every parameter, and the host decides whether to stop or skip the batch."""
     (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scalars = {"loss/total": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(params=params, opt_state=opt_state, baseline=baseline_state), (aux, scalars)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state, baseline_state),
+                        (state.params, state.opt_state, state.baseline))
+    scalars = {"loss/total": loss, "grad_norm": grad_norm, "finite": finite}
+    return state.replace(params=kept[0], opt_state=kept[1], baseline=kept[2]), (aux, scalars)
+
+
+class NonFiniteUpdate(UserError):
+    """A step's loss or gradient was NaN or infinite (with `train.on_nonfinite: stop`)."""
+
+
+class InvalidRewards(UserError):
+    """Every sample's reward failed for `reward.max_invalid_steps` consecutive steps."""
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -261,6 +292,7 @@ class Trainer:
 
         # Model, tokenizer, task, reward.
         policy, self.tokenizer = load_policy(c)
+        self.prompt_limit = self._prompt_limit(context_length(policy))
         self.graphdef, policy_params = nnx.split(policy)
         self.eos_ids = stop_token_ids(c, self.tokenizer)
         self.task = get_task(c.task.name, tokenizer=self.tokenizer, **c.task.options)
@@ -270,13 +302,14 @@ class Trainer:
         eval_examples = eval_examples[: c.task.num_eval] if c.task.num_eval else eval_examples
         # Held-out prompts are tokenized (and fitted to rollout.prompt_length) once.
         self.eval_examples, self.eval_rows, truncated, skipped = fit_prompts(
-            eval_examples, self._tokenize(eval_examples), c.rollout.prompt_length, c.rollout.long_prompts,
+            eval_examples, self._tokenize(eval_examples), self.prompt_limit, c.rollout.long_prompts,
             self.tokenizer.bos_token_id)
         if truncated or skipped:
             print(f"held-out set: {truncated + skipped} of {len(eval_examples)} prompts are longer than "
-                  f"rollout.prompt_length={c.rollout.prompt_length} tokens: "
+                  f"{self.prompt_limit} tokens (rollout.prompt_length or the context): "
                   f"{'truncated' if truncated else 'skipped'} (rollout.long_prompts)")
         self._told_long_prompts = False
+        self._invalid_steps = 0  # consecutive steps in which every reward failed
 
         # The critic exists only for PPO.
         critic_graphdef = critic_params = None
@@ -322,9 +355,30 @@ class Trainer:
         shardings = jax.tree.map(lambda x: parallel.param_sharding(x, self.mesh), state)
         return jax.device_put(state, shardings), shardings
 
+    def _prompt_limit(self, context: int | None) -> int | None:
+        """The most prompt tokens: `rollout.prompt_length`, or what the context leaves after
+        `rollout.max_new_tokens`; prompt + completion must fit the model's context."""
+        r = self.config.rollout
+        if context is None:
+            return r.prompt_length
+        if r.prompt_length is not None and r.prompt_length + r.max_new_tokens > context:
+            raise UserError(f"`rollout.prompt_length`: got {r.prompt_length}, and with rollout.max_new_tokens="
+                            f"{r.max_new_tokens} a sequence exceeds the model's context of {context} tokens "
+                            "(max_position_embeddings); lower one of them.")
+        if r.max_new_tokens >= context:
+            raise UserError(f"`rollout.max_new_tokens`: got {r.max_new_tokens}, but the model's context is {context} "
+                            "tokens (max_position_embeddings), leaving no room for a prompt.")
+        return r.prompt_length if r.prompt_length is not None else context - r.max_new_tokens
+
     # -- generation and scoring ---------------------------------------------------------------
     def _tokenize(self, examples) -> list[list[int]]:
-        return [list(ids) for ids in self.tokenizer([e.prompt for e in examples])["input_ids"]] if examples else []
+        """Prompt token rows; an empty prompt is an error naming it (nothing to condition on)."""
+        rows = [list(ids) for ids in self.tokenizer([e.prompt for e in examples])["input_ids"]] if examples else []
+        empty = [e for e, row in zip(examples, rows) if not row]
+        if empty:
+            raise UserError(f"`task.name`: task {self.config.task.name!r} gave the prompt {empty[0].prompt!r}, which "
+                            "has no tokens; every prompt needs at least one (remove empty prompts from the data).")
+        return rows
 
     def _next_prompts(self, n: int):
         """`n` training examples from the data position on, with their prompt token rows:
@@ -334,19 +388,20 @@ class Trainer:
         examples, rows, read, truncated, skipped = [], [], 0, 0, 0
         while len(examples) < n:
             if read >= 100 * n:  # nearly every prompt is skipped: a setting to change, not a loop
-                raise UserError(f"`rollout.prompt_length`: got {r.prompt_length}, and {skipped} of the {read} prompts "
-                                f"read from data position {self.data_position} are longer (rollout.long_prompts: "
+                raise UserError(f"`rollout.prompt_length`: {skipped} of the {read} prompts read from data position "
+                                f"{self.data_position} are longer than {self.prompt_limit} tokens (rollout.long_prompts: "
                                 "skip); raise prompt_length or set long_prompts: truncate.")
             batch = self.task.train_batch(self.data_position + read, n - len(examples))
             read += len(batch)
-            fitted = fit_prompts(batch, self._tokenize(batch), r.prompt_length, r.long_prompts,
+            fitted = fit_prompts(batch, self._tokenize(batch), self.prompt_limit, r.long_prompts,
                                  self.tokenizer.bos_token_id)
             examples += fitted[0]
             rows += fitted[1]
             truncated, skipped = truncated + fitted[2], skipped + fitted[3]
         if (truncated or skipped) and not self._told_long_prompts:
             self._told_long_prompts = True
-            print(f"note: training prompts longer than rollout.prompt_length={r.prompt_length} tokens are "
+            print(f"note: training prompts longer than {self.prompt_limit} tokens (rollout.prompt_length or the "
+                  f"context) are "
                   f"{'truncated from the left' if r.long_prompts == 'truncate' else 'skipped'} "
                   "(rollout.long_prompts); the metrics data/truncated and data/skipped count them", flush=True)
         return examples, rows, read, truncated, skipped
@@ -354,7 +409,7 @@ class Trainer:
     def _sample(self, rows, key, *, num_samples, temperature):
         """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time."""
         r = self.config.rollout
-        ids, mask = pad_prompts(rows, prompt_width(max(map(len, rows)), r.prompt_length), self.tokenizer.pad_token_id)
+        ids, mask = pad_prompts(rows, prompt_width(max(map(len, rows)), self.prompt_limit), self.tokenizer.pad_token_id)
         policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]))
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
@@ -480,8 +535,12 @@ class Trainer:
         # Summed on the host in numpy: one transfer, no eager device op per metric.
         for key, stat in jax.tree.map(lambda *parts: np.sum(parts, axis=0), *jax.device_get(update_stats)).items():
             metrics.setdefault(key, float(stat.total / stat.count) if stat.count else 0.0)
-        for key in update_scalars[0]:  # per update: loss/total, grad_norm
+        update_scalars = jax.device_get(update_scalars)
+        for key in ("loss/total", "grad_norm"):  # per update
             metrics[key] = float(np.mean([float(u[key]) for u in update_scalars]))
+        metrics["train/skipped_updates"] = float(sum(not u["finite"] for u in update_scalars))
+        if metrics["train/skipped_updates"]:
+            self._report_nonfinite(metrics, update_scalars)
         scores, valid = np.asarray(batch.scores), np.asarray(batch.valid)
         lengths = np.asarray(batch.mask).sum(-1)
         finished = np.array([s.finished for s in samples])
@@ -505,8 +564,38 @@ class Trainer:
             metrics["data/epoch"] = self.data_position / self.task.num_rows
         metrics.update(data_metrics)
         metrics.setdefault("clipfrac", 0.0)
+        self._check_rewards(metrics["reward/valid_fraction"])
         metrics["loss/policy"] = metrics.get("loss/policy", metrics["loss/total"])
         return metrics
+
+    def _report_nonfinite(self, metrics: dict, update_scalars: list[dict]) -> None:
+        """Name the non-finite metrics of a step whose updates were not applied, then stop
+        (`train.on_nonfinite: stop`) or warn and go on (`skip`)."""
+        step = int(self.state.step)
+        bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v))
+        first = next(i for i, u in enumerate(update_scalars) if not u["finite"])
+        what = (f"step {step}: non-finite {', '.join(bad) or 'loss/gradient'} in update {first + 1} of "
+                f"{len(update_scalars)} ({int(metrics['train/skipped_updates'])} not applied)")
+        if self.config.train.on_nonfinite == "stop":
+            last = self.checkpointer.latest_step()
+            raise NonFiniteUpdate(f"{what}; stopped without saving: "
+                                  + (f"the checkpoint of step {last} is intact (--resume continues from it)"
+                                     if last is not None else "no checkpoint was written yet")
+                                  + ". Set train.on_nonfinite: skip to drop such updates and go on.")
+        print(f"warning: {what}; the parameters are those before it (train.on_nonfinite: skip)", flush=True)
+
+    def _check_rewards(self, valid_fraction: float) -> None:
+        """Warn on a step where no sample got a reward; stop after `reward.max_invalid_steps` in a row."""
+        self._invalid_steps = self._invalid_steps + 1 if valid_fraction == 0 else 0
+        if not self._invalid_steps:
+            return
+        limit = self.config.reward.max_invalid_steps
+        message = (f"step {int(self.state.step)}: every reward failed (reward/valid_fraction 0, nothing trained), "
+                   f"{self._invalid_steps} step(s) in a row")
+        if self._invalid_steps >= limit:
+            raise InvalidRewards(f"{message}, the limit reward.max_invalid_steps={limit}: the reward terms fail on "
+                                 "every sample; set reward.on_error=raise to see the first failure.")
+        print(f"warning: {message} (stops at reward.max_invalid_steps={limit})", flush=True)
 
     def save(self) -> None:
         meta = {"data_position": self.data_position, "step": int(self.state.step), "config": self.config.to_dict()}
@@ -530,32 +619,43 @@ class Trainer:
                 self.logger.log(0, before)  # the curve starts where the policy started
                 self.logger.log_samples(0, rows)
             print(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
-        bar, last, latest_eval = None, {}, _headline(before)
-        for step in range(first, c.train.steps):
-            with CompileTimer() as compile_timer:
-                metrics = self.step()
-            done = step + 1
-            if self.eval_examples and (done % c.train.eval_every == 0 or done == c.train.steps):
-                evaluated, rows = self.evaluate_with_samples()
-                metrics.update(evaluated)
-                self.logger.log_samples(done, rows)
-            self.logger.log(done, metrics)
-            last = metrics
-            if c.train.progress and bar is None:
-                # The first step of a process compiles the sampler, prepare and update: reported
-                # once here, and the bar starts after it so that its rate and ETA are steady-state.
-                print(f"step {done}: compiled in {compile_timer.seconds:.1f} s, step time "
-                      f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
-                bar = _progress_bar(initial=done, total=c.train.steps)
-            elif bar is not None:
-                bar.update(1)
-            latest_eval = _headline(metrics) or latest_eval
+        bar, last, latest_eval, finished = None, {}, _headline(before), False
+        try:
+            with StopSignals() as stop:
+                for step in range(first, c.train.steps):
+                    with CompileTimer() as compile_timer:
+                        metrics = self.step()
+                    done = step + 1
+                    if self.eval_examples and (done % c.train.eval_every == 0 or done == c.train.steps):
+                        evaluated, rows = self.evaluate_with_samples()
+                        metrics.update(evaluated)
+                        self.logger.log_samples(done, rows)
+                    self.logger.log(done, metrics)
+                    last = metrics
+                    if c.train.progress and bar is None:
+                        # The first step of a process compiles the sampler, prepare and update:
+                        # reported once here, and the bar starts after it so that its rate and ETA
+                        # are steady-state.
+                        print(f"step {done}: compiled in {compile_timer.seconds:.1f} s, step time "
+                              f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
+                        bar = _progress_bar(initial=done, total=c.train.steps)
+                    elif bar is not None:
+                        bar.update(1)
+                    latest_eval = _headline(metrics) or latest_eval
+                    if bar is not None:
+                        bar.set_postfix(_bar_fields(metrics, latest_eval))
+                    if done % c.train.checkpoint_every == 0 or done == c.train.steps or stop.received:
+                        with stop.deferred():  # a signal never cuts a checkpoint write short
+                            self.save()
+                    if stop.received:
+                        raise Interrupted(stop.signum, f"stopped by {stop.name} after step {done}: its checkpoint "
+                                          f"is under {self.checkpointer.directory}; --resume continues from it.")
+            finished = True
+        finally:
             if bar is not None:
-                bar.set_postfix(_bar_fields(metrics, latest_eval))
-            if done % c.train.checkpoint_every == 0 or done == c.train.steps:
-                self.save()
-        if bar is not None:
-            bar.close()
+                bar.close()
+            if not finished:  # stopped: what was logged so far is flushed
+                self.logger.close()
         # The last step evaluated when it was the run's last; a run with no steps left evaluates here.
         after = {k: v for k, v in last.items() if k.startswith("eval/")} or self.evaluate()
         if after:
@@ -605,6 +705,54 @@ def _progress_bar(*, initial: int, total: int):
     return tqdm(initial=initial, total=total, desc="RL steps", unit="step", dynamic_ncols=True)
 
 
+class StopSignals:
+    """SIGINT and SIGTERM during training: the first lets the current step finish, a checkpoint
+    be written and the run stop (`Interrupted`); a second abandons the step at once, writing
+    nothing (the last checkpoint stands). Pre-empted jobs get SIGTERM, Ctrl-C is SIGINT."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self._previous, self._deferred = None, {}, None
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals that arrive inside the block take effect when it ends."""
+        self._deferred = []
+        try:
+            yield
+        finally:
+            pending, self._deferred = self._deferred, None
+            for signum in pending:
+                self._handle(signum, None)
+
+    def _handle(self, signum, frame):
+        if self._deferred is not None:
+            self._deferred.append(signum)
+            return
+        if self.received:
+            raise Interrupted(signum, f"{signal.Signals(signum).name} again: the step in progress was abandoned "
+                                      "and nothing written; the last checkpoint stands (--resume continues from it).")
+        self.signum = signum
+        print(f"\n{self.name}: finishing this step, then writing a checkpoint and stopping ({self.name} again "
+              "abandons the step)", file=sys.stderr, flush=True)
+
+
 class CompileTimer:
     """Seconds JAX spent tracing, lowering and compiling inside a `with` block (from JAX's own
     monitoring events, so cached programs count zero)."""
@@ -649,4 +797,4 @@ def export(config: Config, output: str | Path, *, step: int | None = None) -> tu
     return output, step
 
 
-__all__ = ["Trainer", "export", "train"]
+__all__ = ["InvalidRewards", "NonFiniteUpdate", "Trainer", "export", "train"]

@@ -18,3 +18,7 @@ def broken(prompts, completions):
 
 def nan_on_five(prompts, completions):
     return [float("nan") if "5" in c else 1.0 for c in completions]
+
+
+def broken_always(prompts, completions):
+    raise RuntimeError("this reward cannot score anything")
