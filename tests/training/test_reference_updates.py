@@ -146,11 +146,12 @@ def test_reinforce_ema_baseline_advances_once_per_update(toy_config):
     logp, _ = logprobs_and_entropy(as_torch(ids_logits), batch.tokens)
     ref_logp, _ = logprobs_and_entropy(as_torch(ref_logits), batch.tokens)
     mean_reward = float((scores - KL_COEF * ((logp - ref_logp) * mask).sum(-1)).mean())
-    before = trainer.state.baseline
-    assert int(before.count) == 1  # the first step's update advanced it once
+    # Read before the update: it donates the state, and the new baseline may reuse the old buffer.
+    count, ema = int(trainer.state.baseline.count), float(trainer.state.baseline.ema)
+    assert count == 1  # the first step's update advanced it once
     new_state, _ = trainer._update(trainer.state, train_batch)
     assert int(new_state.baseline.count) == 2
-    np.testing.assert_allclose(float(new_state.baseline.ema), 0.8 * float(before.ema) + 0.2 * mean_reward, rtol=1e-5)
+    np.testing.assert_allclose(float(new_state.baseline.ema), 0.8 * ema + 0.2 * mean_reward, rtol=1e-5)
 
 
 def test_grpo_update_equals_the_reference(toy_config):
