@@ -147,12 +147,6 @@ def verifier_term(kind: str, pattern: str | None = None) -> Term:
     return verify
 
 
-def _bucket(length: int, minimum: int = 16) -> int:
-    """The padded length for `length` tokens: the next power of two (at least `minimum`), so a
-    run compiles the reward model for a handful of lengths, not one per batch."""
-    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
-
-
 def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = True) -> Term:
     """Score prompt + completion with a sequence-classification reward model, jitted.
 
@@ -166,6 +160,7 @@ def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = Tru
     from flax import nnx
 
     from jaxrl_llm.models import reward_model_from_pretrained
+    from jaxrl_llm.rollout.padding import bucket_width, left_pad
 
     model = reward_model_from_pretrained(path)
     graphdef, weights = nnx.split(model)
@@ -187,12 +182,8 @@ def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = Tru
             rows = [list(tokenizer(s.example.prompt + s.text)["input_ids"]) for s in chunk]
             if append_eos:
                 rows = [r if r and r[-1] == eos else r + [eos] for r in rows]
-            width = _bucket(max(len(r) for r in rows))
-            ids = np.full((batch_size, width), pad, np.int32)
-            mask = np.zeros((batch_size, width), np.int32)
+            ids, mask = left_pad(rows, bucket_width(max(len(r) for r in rows)), pad, num_rows=batch_size)
             mask[:, -1] = 1  # filler rows hold one token, so no row is all padding
-            for i, r in enumerate(rows):
-                ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
             out.extend(np.asarray(forward(weights, ids, mask))[: len(chunk)].tolist())
         return out
 

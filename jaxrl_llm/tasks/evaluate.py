@@ -22,14 +22,10 @@ from jaxrl_llm.tasks.base import Example
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ``(input_ids, attention_mask)``, both int32 [B, P], without special tokens added."""
+    from jaxrl_llm.rollout.padding import left_pad
+
     rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
+    return left_pad(rows, max(len(r) for r in rows), tokenizer.pad_token_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))

@@ -58,6 +58,7 @@ from jaxrl_llm import models, parallel
 from jaxrl_llm.errors import Interrupted, UserError
 from jaxrl_llm.rewards import Sample, build_reward
 from jaxrl_llm.rollout import generate
+from jaxrl_llm.rollout.padding import bucket_width, left_pad
 from jaxrl_llm.tasks import get_task, task_verifies
 from jaxrl_llm.tasks.evaluate import pass_at_k
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, minibatch_indices, take
@@ -186,13 +187,6 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.chain(*chain)
 
 
-def prompt_width(longest: int, limit: int | None) -> int:
-    """The padded width of a batch whose longest prompt has `longest` tokens: the next power of
-    two from 16, capped at `rollout.prompt_length`, so a run compiles for a few widths only."""
-    width = max(16, 1 << (max(longest, 1) - 1).bit_length())
-    return width if limit is None else min(width, limit)
-
-
 def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts: str, bos_id: int | None = None):
     """The examples whose prompts fit in `limit` tokens, a longer one truncated from the left or
     skipped (`long_prompts`): `(examples, rows, truncated, skipped)`. A truncated prompt that
@@ -210,16 +204,6 @@ def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts
         kept.append(example)
         kept_rows.append(ids)
     return kept, kept_rows, truncated, skipped
-
-
-def pad_prompts(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask [B, width] (int32): the prompt ends where generation starts."""
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-    return ids, mask
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: set[int]):
@@ -409,7 +393,9 @@ class Trainer:
     def _sample(self, rows, key, *, num_samples, temperature):
         """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time."""
         r = self.config.rollout
-        ids, mask = pad_prompts(rows, prompt_width(max(map(len, rows)), self.prompt_limit), self.tokenizer.pad_token_id)
+        # A few fixed widths (powers of two from 16, capped at the prompt limit): steps compile a few times.
+        width = bucket_width(max(map(len, rows)), limit=self.prompt_limit)
+        ids, mask = left_pad(rows, width, self.tokenizer.pad_token_id)
         policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]))
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
@@ -619,7 +605,8 @@ class Trainer:
                 self.logger.log(0, before)  # the curve starts where the policy started
                 self.logger.log_samples(0, rows)
             print(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
-        bar, last, latest_eval, finished = None, {}, _headline(before), False
+        progress = Progress(enabled=c.train.progress, total=c.train.steps, before=before)
+        last, finished = {}, False
         try:
             with StopSignals() as stop:
                 for step in range(first, c.train.steps):
@@ -632,18 +619,7 @@ class Trainer:
                         self.logger.log_samples(done, rows)
                     self.logger.log(done, metrics)
                     last = metrics
-                    if c.train.progress and bar is None:
-                        # The first step of a process compiles the sampler, prepare and update:
-                        # reported once here, and the bar starts after it so that its rate and ETA
-                        # are steady-state.
-                        print(f"step {done}: compiled in {compile_timer.seconds:.1f} s, step time "
-                              f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
-                        bar = _progress_bar(initial=done, total=c.train.steps)
-                    elif bar is not None:
-                        bar.update(1)
-                    latest_eval = _headline(metrics) or latest_eval
-                    if bar is not None:
-                        bar.set_postfix(_bar_fields(metrics, latest_eval))
+                    progress.update(done, metrics, compile_timer.seconds)
                     if done % c.train.checkpoint_every == 0 or done == c.train.steps or stop.received:
                         with stop.deferred():  # a signal never cuts a checkpoint write short
                             self.save()
@@ -652,8 +628,7 @@ class Trainer:
                                           f"is under {self.checkpointer.directory}; --resume continues from it.")
             finished = True
         finally:
-            if bar is not None:
-                bar.close()
+            progress.close()
             if not finished:  # stopped: what was logged so far is flushed
                 self.logger.close()
         # The last step evaluated when it was the run's last; a run with no steps left evaluates here.
@@ -677,32 +652,53 @@ def _describe_eval(metrics: dict) -> str:
     return ", ".join(parts + [f"reward {metrics['eval/reward']:.3f}"])
 
 
-def _headline(metrics: dict) -> tuple[str, float] | None:
-    """The held-out number the progress bar shows: accuracy, or the reward without a verifier."""
-    for key, label in (("eval/accuracy", "eval"), ("eval/reward", "eval reward")):
-        if key in metrics:
-            return label, metrics[key]
-    return None
+class Progress:
+    """The progress bar. The first step of a process compiles the sampler, prepare and update:
+    that is reported once, and the bar starts after it, so its rate and ETA are steady-state
+    (and on `--resume` it continues from the resumed step)."""
 
+    def __init__(self, *, enabled: bool, total: int, before: dict):
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.latest_eval = self.headline(before)
 
-def _bar_fields(metrics: dict, latest_eval: tuple[str, float] | None) -> dict:
-    """What the progress bar shows, named for the samples each covers: the mean reward of
-    everything sampled this step, the exact-answer rate of the groups trained on, the KL to
-    the reference, and the latest held-out accuracy."""
-    shown = {"reward(all)": metrics["reward/mean"]}
-    if "train/accuracy" in metrics:  # a task with a verifier
-        shown["acc(trained)"] = metrics["train/accuracy"]
-    if "kl" in metrics:  # raft has no reference
-        shown["kl"] = metrics["kl"]
-    if latest_eval is not None:
-        shown[latest_eval[0]] = latest_eval[1]
-    return {k: f"{v:.3f}" for k, v in shown.items()}
+    @staticmethod
+    def headline(metrics: dict) -> tuple[str, float] | None:
+        """The held-out number shown: accuracy, or the reward without a verifier."""
+        for key, label in (("eval/accuracy", "eval"), ("eval/reward", "eval reward")):
+            if key in metrics:
+                return label, metrics[key]
+        return None
 
+    def update(self, done: int, metrics: dict, compile_seconds: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
 
-def _progress_bar(*, initial: int, total: int):
-    from tqdm.auto import tqdm
+            print(f"step {done}: compiled in {compile_seconds:.1f} s, step time "
+                  f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
+            self.bar = tqdm(initial=done, total=self.total, desc="RL steps", unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(1)
+        self.latest_eval = self.headline(metrics) or self.latest_eval
+        self.bar.set_postfix(self.fields(metrics))
 
-    return tqdm(initial=initial, total=total, desc="RL steps", unit="step", dynamic_ncols=True)
+    def fields(self, metrics: dict) -> dict:
+        """What the bar shows, named for the samples each covers: the mean reward of everything
+        sampled this step, the exact-answer rate of the groups trained on, the KL to the
+        reference, and the latest held-out accuracy."""
+        shown = {"reward(all)": metrics["reward/mean"]}
+        if "train/accuracy" in metrics:  # a task with a verifier
+            shown["acc(trained)"] = metrics["train/accuracy"]
+        if "kl" in metrics:  # raft has no reference
+            shown["kl"] = metrics["kl"]
+        if self.latest_eval is not None:
+            shown[self.latest_eval[0]] = self.latest_eval[1]
+        return {k: f"{v:.3f}" for k, v in shown.items()}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StopSignals:

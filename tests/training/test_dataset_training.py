@@ -9,7 +9,12 @@ import pytest
 
 from jaxrl_llm import UserError
 from jaxrl_llm.training import Trainer
-from jaxrl_llm.training.trainer import fit_prompts, prompt_width
+from jaxrl_llm.rollout.padding import bucket_width
+from jaxrl_llm.training.trainer import fit_prompts
+
+
+def prompt_width(longest, limit):
+    return bucket_width(longest, limit=limit)
 
 SHORT = [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 3), (4, 5), (6, 7)]]  # 4 tokens
 LONG = [f"{a}+{b}=" for a, b in [(123, 456), (789, 12), (3456, 7)]]  # 7-8 tokens
