@@ -2,7 +2,7 @@
 
     jaxrl-llm train --config configs/rloo_arithmetic.yaml [--resume] [section.key=value ...]
     jaxrl-llm eval --config configs/rloo_arithmetic.yaml [--checkpoint]
-    jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/ [--step N]
+    jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/ [--step N] [--merge]
     jaxrl-llm plan --config configs/rloo_arithmetic.yaml --devices 8 [--device-memory-gb 80]
 
 Errors a user can fix (`jaxrl_llm.UserError`: a config value, a missing file or checkpoint, a
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--output", required=True, help="directory to write")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+            p.add_argument("--merge", action="store_true",
+                           help="LoRA runs: write the base with the adapters merged in (a Hugging Face "
+                                "directory) instead of a PEFT adapter directory")
         if name == "plan":
             p.add_argument("--devices", type=int, required=True, help="devices to plan for (fake CPU devices)")
             p.add_argument("--device-memory-gb", type=float, default=None,
@@ -119,8 +122,10 @@ def _run(args) -> int:
             print(markdown_table(rows))
         print(to_json(metrics, indent=2))
     else:
-        output, step = export(config, args.output, step=args.step)
-        print(f"wrote step {step} of {Path(config.train.run_dir) / 'checkpoints'} to {output}")
+        output, step = export(config, args.output, step=args.step, merge=args.merge)
+        what = ("" if config.model.lora is None else
+                " (LoRA merged into the base)" if args.merge else " (PEFT adapter directory)")
+        print(f"wrote step {step} of {Path(config.train.run_dir) / 'checkpoints'} to {output}{what}")
     return 0
 
 

@@ -203,6 +203,11 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike) -> None:
 
     if not isinstance(model, CausalLM):
         raise UserError(f"model: got {type(model).__name__}, expected a jaxrl_llm causal LM")
+    from jaxrl_llm.models import lora
+
+    if lora.has_lora(model):
+        raise UserError("model: has LoRA adapters; merge them first (models.lora.merge_lora) or save them as a "
+                        "PEFT adapter (models.lora.save_peft_adapter)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = json.loads(model.config_json)

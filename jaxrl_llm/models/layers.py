@@ -34,7 +34,17 @@ _INIT_STD = 0.02
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias``; ``kernel`` is [in, out] (transformers' ``weight`` transposed)."""
+    """``y = x @ kernel + bias``; ``kernel`` is [in, out] (transformers' ``weight`` transposed).
+
+    With a LoRA adapter (``models.lora.add_lora`` sets ``lora``, an ``nnx.LoRA``, and its
+    scale and dropout on the instance) ``y += lora_scale * lora(dropout(x))``. The class-level
+    defaults below keep the graph of a model without adapters exactly as it was.
+    """
+
+    lora: nnx.LoRA | None = None
+    lora_scale: float = 1.0  # alpha / rank
+    lora_dropout: float = 0.0  # rate on the adapter's input, applied only when a key is set
+    lora_dropout_key: nnx.Variable | None = None  # set inside a training forward (lora.set_dropout_key)
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(
@@ -46,7 +56,14 @@ class Linear(nnx.Module):
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        return y
+        return y + self.adapter(x, y.dtype) if self.lora is not None else y
+
+    def adapter(self, x: jax.Array, dtype) -> jax.Array:
+        """The LoRA term ``lora_scale * lora(dropout(x))`` in ``dtype`` (PEFT's ``lora_B(lora_A(dropout(x))) * scaling``)."""
+        if self.lora_dropout and self.lora_dropout_key is not None:
+            keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        return (self.lora(x) * self.lora_scale).astype(dtype)
 
 
 def fused_linear(x: jax.Array, *linears: Linear) -> list[jax.Array]:
@@ -62,7 +79,8 @@ def fused_linear(x: jax.Array, *linears: Linear) -> list[jax.Array]:
         y = y + jnp.concatenate(
             [lin.bias[...] if lin.bias is not None else jnp.zeros(k.shape[1], k.dtype) for lin, k in zip(linears, kernels)]
         )
-    return jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1)
+    outs = jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1)
+    return [out + lin.adapter(x, out.dtype) if lin.lora is not None else out for out, lin in zip(outs, linears)]
 
 
 class Embedding(nnx.Module):

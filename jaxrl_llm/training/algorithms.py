@@ -55,6 +55,7 @@ from flax import nnx
 import jaxrl_llm.objectives as obj
 from jaxrl_llm import models
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.models import lora
 from jaxrl_llm.objectives import Stat
 from jaxrl_llm.training.config import AlgoConfig
 
@@ -126,11 +127,17 @@ def completion_slice(x, rollout: RolloutBatch):
 
 
 def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chunk_size, top_k=0,
-                   top_p=1.0, compute_dtype=None) -> Forward:
+                   top_p=1.0, compute_dtype=None, dropout_key=None) -> Forward:
     """Log-probabilities and entropies of the completion tokens under the sampling distribution
     (its temperature and top-k / top-p set; pass the defaults for a reference policy), with the
-    forward pass in `compute_dtype` (None: the parameters' own)."""
-    model = nnx.merge(graphdef, models.cast_floating(params, compute_dtype))
+    forward pass in `compute_dtype` (None: the parameters' own).
+
+    `params`: the model's state, or a tuple of states (LoRA: the adapters and the frozen base).
+    `dropout_key`: LoRA dropout for this forward (a training pass); None: none."""
+    states = params if isinstance(params, tuple) else (params,)
+    model = nnx.merge(graphdef, *models.cast_floating(states, compute_dtype))
+    if dropout_key is not None:
+        lora.set_dropout_key(model, dropout_key)
     ids, attention = sequence_inputs(rollout)
     hidden = models.hidden_states(model, ids, attention)
     # Straight from hidden states: the [N, T, V] logits exist only chunk_size rows at a time.
@@ -157,13 +164,20 @@ class Algorithm:
 
     `compute_dtype`: the dtype of every forward pass (None: the parameters' own);
     `micro_batch_size`: sequences per forward/backward pass (None: the whole batch at once).
+
+    LoRA: `graphdef` is the adapted policy's graph, `reference_graphdef` the same model without
+    adapters. The policy's trained parameters are then the adapters only, and the frozen base
+    (`TrainState.base_params`) is passed beside them (`base`): the adapted forward merges both,
+    the reference forward is the base alone. No reference copy exists.
     """
 
     def __init__(self, algo: AlgoConfig, *, graphdef, critic_graphdef=None, temperature: float,
                  chunk_size: int | None, top_k: int = 0, top_p: float = 1.0, compute_dtype=None,
-                 micro_batch_size: int | None = None):
+                 micro_batch_size: int | None = None, reference_graphdef=None):
         self.cfg = algo
         self.graphdef = graphdef
+        self.reference_graphdef = reference_graphdef
+        self.lora = reference_graphdef is not None
         self.critic_graphdef = critic_graphdef
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p
@@ -202,10 +216,11 @@ class Algorithm:
             return True
         return self.num_micro_batches(num_sequences) > 1 and self.cfg.name in ("reinforce", "ppo")
 
-    def _forward(self, params, rollout):
-        return policy_forward(self.graphdef, params, rollout, temperature=self.temperature,
-                              chunk_size=self.chunk_size, top_k=self.top_k, top_p=self.top_p,
-                              compute_dtype=self.compute_dtype)
+    def _forward(self, params, rollout, base=None, dropout_key=None):
+        """The policy's forward; `base`: the frozen base a LoRA policy's adapters sit on."""
+        return policy_forward(self.graphdef, params if base is None else (params, base), rollout,
+                              temperature=self.temperature, chunk_size=self.chunk_size, top_k=self.top_k,
+                              top_p=self.top_p, compute_dtype=self.compute_dtype, dropout_key=dropout_key)
 
     def _values(self, critic_params, rollout, policy_hidden):
         return critic_values(self.critic_graphdef, critic_params, rollout, policy_hidden, self.compute_dtype)
@@ -213,7 +228,9 @@ class Algorithm:
     def _reference_logprobs(self, ref_params, rollout):
         # The reference is the frozen base policy's full softmax (at the sampling temperature):
         # a top-k / top-p set of its own would give sampled tokens log-probability -inf.
-        ref = policy_forward(self.graphdef, ref_params, rollout, temperature=self.temperature,
+        # With LoRA it is the base with the adapters off: the same weights, another graph.
+        ref = policy_forward(self.reference_graphdef or self.graphdef, ref_params, rollout,
+                             temperature=self.temperature,
                              chunk_size=self.chunk_size, compute_dtype=self.compute_dtype)
         return jax.lax.stop_gradient(ref.logprobs)
 
@@ -269,9 +286,10 @@ class Algorithm:
         def forwards(rows: RolloutBatch) -> dict:
             out = {}
             if self.uses_reference:
-                out["ref_logprobs"] = self._reference_logprobs(state.ref_params, rows)
+                reference = state.base_params if self.lora else state.ref_params
+                out["ref_logprobs"] = self._reference_logprobs(reference, rows)
             if with_policy:
-                old = self._forward(state.params["policy"], rows)
+                old = self._forward(state.params["policy"], rows, state.base_params)
                 out.update(old_logprobs=old.logprobs, entropy=old.entropy)
                 if self.cfg.name == "ppo":
                     out["old_values"] = self._values(state.params["critic"], rows, old.hidden)
@@ -337,14 +355,15 @@ class Algorithm:
             policy = bonus
         return {"policy": policy, "bonus": bonus}
 
-    def loss(self, params, batch: TrainBatch, denominators: dict | None = None):
+    def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
         """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
         baseline after this batch (None unless REINFORCE with `baseline: ema`). `denominators`
-        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it."""
+        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it.
+        LoRA: `base` is the frozen base (not differentiated), `dropout_key` the adapters' dropout."""
         cfg, rollout = self.cfg, batch.rollout
         denominators = denominators or {"policy": None, "bonus": None}
         mask = rollout.mask * rollout.valid[:, None]
-        fwd = self._forward(params["policy"], rollout)
+        fwd = self._forward(params["policy"], rollout, base, dropout_key)
         values = None
         if cfg.name == "ppo":
             values = self._values(params["critic"], rollout, fwd.hidden)
@@ -401,33 +420,35 @@ class Algorithm:
         aux.update(self._kl_metrics(old_logprobs, batch.ref_logprobs, mask))
         return loss, (aux, baseline_state)
 
-    def value_and_grad(self, params, batch: TrainBatch):
+    def value_and_grad(self, params, batch: TrainBatch, base=None, dropout_key=None):
         """`((loss, (aux, baseline_state)), grads)` of `loss` on `batch`, micro-batch by micro-batch.
 
         The micro-batches' losses use the whole batch's denominators, so their sum is the whole
         batch's loss and the sum of their gradients (accumulated in float32) its gradient; the
-        `Stat`s of `aux` add up exactly.
+        `Stat`s of `aux` add up exactly. Only `params` are differentiated: a LoRA policy's frozen
+        `base` gets no gradient. Micro-batch m's dropout key is `fold_in(dropout_key, m)`.
         """
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         num_micro = self.num_micro_batches(batch.rollout.tokens.shape[0])
         if num_micro == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, None, base, dropout_key)
         denominators = self.loss_denominators(batch)
         # Scalars (the baseline and its state) are shared by every micro-batch; rows are split.
         shared = dict(baseline_state=batch.baseline_state, baseline=batch.baseline)
         rows = split_micro_batches(batch._replace(baseline_state=None, baseline=None), num_micro,
                                    self.cfg.num_samples)
 
-        def micro_step(micro):
-            (loss, (aux, _)), grads = grad_fn(params, micro._replace(**shared), denominators)
+        def micro_step(micro, index):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            (loss, (aux, _)), grads = grad_fn(params, micro._replace(**shared), denominators, base, key)
             return loss, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
-        def accumulate(total, micro):
-            return jax.tree.map(jnp.add, total, micro_step(micro)), None
+        def accumulate(total, micro_and_index):
+            return jax.tree.map(jnp.add, total, micro_step(*micro_and_index)), None
 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], rows)))
-        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, rows)
+                             jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], rows), 0))
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (rows, jnp.arange(num_micro)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return (loss, (aux, batch.baseline_state)), grads
 

@@ -107,7 +107,11 @@ class Checkpointer:
         missing, extra = sorted(set(flat_template) - stored), sorted(stored - set(flat_template))
         if missing or extra:
             held = f"lacks {missing[:5]}" if missing else f"holds {extra[:5]}, which this run does not have"
-            raise UserError(f"checkpoint step {step} {held} (written by another model or algorithm?).")
+            ours, theirs = (any("/lora/" in k for k in keys) for keys in (flat_template, stored))
+            cause = ("written by another model or algorithm?" if ours == theirs else
+                     "this run trains LoRA adapters (model.lora) and the checkpoint is of full fine-tuning" if ours
+                     else "the checkpoint holds LoRA adapters and this run has no model.lora")
+            raise UserError(f"checkpoint step {step} {held} ({cause}).")
         abstract = {
             key: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
             for key, x in flat_template.items()

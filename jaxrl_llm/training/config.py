@@ -28,6 +28,19 @@ ALGORITHMS = ("reinforce", "vanilla_pg", "rloo", "ppo", "grpo", "raft")
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (models/lora.py, on Flax NNX's `nnx.LoRA`): only they are trained; the base
+    weights are frozen, stored once in `model.dtype`, and with the adapters off are the reference."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on each adapter's input, in the training forward only (PEFT's lora_dropout)
+    # Projection roles q k v o gate up down, or module names (q_proj, query_key_value, ...);
+    # null adapts every projection the model has.
+    targets: list[str] | None = None
+
+
+@dataclass
 class ModelConfig:
     """Which policy to train."""
 
@@ -49,6 +62,17 @@ class ModelConfig:
     # sequences), "dense", "blockwise" (query blocks, no [S, S] scores for all heads at once), "cudnn".
     attention: Literal["auto", "dense", "blockwise", "cudnn"] = "auto"
     attention_block: int = 512  # query rows per block of the blockwise attention
+    lora: LoraConfig | None = None  # train LoRA adapters instead of every weight (see LoraConfig)
+
+    def lora_spec(self):
+        """The `models.lora.LoraSpec` of `lora` (validated), or None without adapters."""
+        if self.lora is None:
+            return None
+        from jaxrl_llm.models.lora import LoraSpec
+
+        l = self.lora
+        return LoraSpec(rank=l.rank, alpha=l.alpha, dropout=l.dropout,
+                        targets=None if l.targets is None else tuple(l.targets))
 
 
 @dataclass
@@ -359,6 +383,8 @@ def validate(config: Config) -> Config:
         raise UserError(f"`rollout.micro_batch_size`: got {r.micro_batch_size}, expected a multiple of "
                          f"algo.num_samples={a.num_samples} (the sampler generates whole prompt groups).")
     _check_remat(config.model.remat)
+    if config.model.lora is not None:
+        config.model.lora_spec()  # rank, alpha, dropout and target names
     if any(i < 0 for i in r.stop_token_ids):
         raise UserError(f"`rollout.stop_token_ids`: got {r.stop_token_ids!r}, expected non-negative token ids.")
     if a.aggregation is not None:

@@ -29,7 +29,8 @@ from jaxrl_llm.rollout import generate
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch
 from jaxrl_llm.training.config import Config
 from jaxrl_llm.training.state import TrainState
-from jaxrl_llm.training.trainer import compute_dtype, make_optimizer, resolve_model_path, update_step
+from jaxrl_llm.training.trainer import (compute_dtype, make_optimizer, policy_dtype, resolve_model_path, split_policy,
+                                       update_step)
 
 GiB = 1024**3
 
@@ -66,11 +67,10 @@ def abstract_setup(config: Config, mesh):
     """`(algorithm, optimizer, abstract TrainState with shardings, graphdef)` with nothing allocated."""
     c = config
     hf_config = _hf_config(c)
-    policy = nnx.eval_shape(lambda: models.from_config(hf_config, dtype=jnp.dtype(c.model.param_dtype)))
+    policy = nnx.eval_shape(lambda: models.from_config(hf_config, dtype=policy_dtype(c)))
     m = c.model
     policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
                          attention_block=m.attention_block)
-    graphdef, policy_params = nnx.split(policy)
     critic_graphdef = critic_params = None
     if c.algo.name == "ppo":
         critic = nnx.eval_shape(lambda: models.make_critic(
@@ -78,16 +78,19 @@ def abstract_setup(config: Config, mesh):
         if c.algo.critic == "separate":
             critic.set_execution(**policy.execution._asdict())
         critic_graphdef, critic_params = nnx.split(critic)
+    # LoRA: adapters (small, initialised for real) on the abstract base.
+    graphdef, policy_params, base_params, reference_graphdef = split_policy(policy, c)
     dtype = compute_dtype(c)
     algorithm = Algorithm(c.algo, graphdef=graphdef, critic_graphdef=critic_graphdef,
                           temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
                           top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=dtype,
-                          micro_batch_size=c.train.micro_batch_size)
+                          micro_batch_size=c.train.micro_batch_size, reference_graphdef=reference_graphdef)
     optimizer = make_optimizer(c)
-    state = jax.eval_shape(lambda p, q: TrainState.create(
+    state = jax.eval_shape(lambda p, q, b: TrainState.create(
         policy_params=p, critic_params=q, optimizer=optimizer, seed=c.train.seed,
         ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
-        reference=algorithm.uses_reference, reference_dtype=dtype), policy_params, critic_params)
+        reference=algorithm.uses_reference, reference_dtype=dtype, base_params=b), policy_params, critic_params,
+        base_params)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.param_sharding(x, mesh)),
                          state)
     return algorithm, optimizer, state, graphdef
@@ -173,8 +176,8 @@ def _lower_generate(c: Config, graphdef, state, mesh):
     split_rows = prompts % mesh.size == 0
     split = parallel.batch_sharding(mesh) if split_rows else parallel.replicated(mesh)
 
-    def sample(params, ids, mask, key):
-        policy = nnx.merge(graphdef, models.cast_floating(params, dtype))
+    def sample(params, base_params, ids, mask, key):
+        policy = nnx.merge(graphdef, models.cast_floating(params, dtype), *([] if base_params is None else [base_params]))
         out = generate(policy, ids, mask, max_new_tokens=r.max_new_tokens, rng=key, num_samples=k,
                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_token_id=eos,
                        pad_token_id=0, cache_dtype=dtype, mesh=mesh if split_rows else None)
@@ -182,7 +185,7 @@ def _lower_generate(c: Config, graphdef, state, mesh):
 
     ids = jax.ShapeDtypeStruct((prompts, r.prompt_length), jnp.int32, sharding=split)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-    return jax.jit(sample).lower(state.params["policy"], ids, ids, key)
+    return jax.jit(sample).lower(state.params["policy"], state.base_params, ids, ids, key)
 
 
 def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:

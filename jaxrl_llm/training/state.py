@@ -4,6 +4,11 @@
 `{"critic": ...}`. `ref_params` is the frozen reference policy; it is never seen
 by the optimizer, and an algorithm without a reference term (RAFT) holds none. `rng` is the run's base key: each step derives its own keys
 with `fold_in(rng, step)`, so resuming at step n replays exactly the same keys.
+
+With LoRA, `params["policy"]` is the adapters only and `base_params` the frozen base
+weights, held once: the policy is base + adapters, the reference is the base with the
+adapters off, so `ref_params` is None. Checkpoints leave `base_params` out (the trainer
+names the base by path and hash instead).
 """
 
 from __future__ import annotations
@@ -26,17 +31,21 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any  # optax state of `params`
     rng: jax.Array  # base PRNG key of the run
     baseline: EMABaselineState | None  # REINFORCE's EMA baseline, else None
+    base_params: Any = None  # LoRA: the frozen base model (nnx.State) the adapters sit on, else None
 
     @classmethod
     def create(cls, *, policy_params, critic_params=None, optimizer: optax.GradientTransformation, seed: int,
-               ema_baseline: bool = False, reference: bool = True, reference_dtype=None) -> "TrainState":
+               ema_baseline: bool = False, reference: bool = True, reference_dtype=None,
+               base_params=None) -> "TrainState":
         """`reference_dtype`: the dtype of the frozen reference's floating parameters (the compute
-        dtype under mixed precision: it is only read by forward passes); None: the policy's."""
+        dtype under mixed precision: it is only read by forward passes); None: the policy's.
+        `base_params`: a LoRA policy's frozen base (`policy_params` are then its adapters); the
+        reference is that base, so no reference copy is made."""
         params = {"policy": policy_params}
         if critic_params is not None:
             params["critic"] = critic_params
         ref_params = None
-        if reference:
+        if reference and base_params is None:
             # A separate copy: the reference must not alias buffers the update donates.
             ref_params = jax.tree.map(jnp.copy, models.cast_floating(policy_params, reference_dtype))
         return cls(
@@ -46,6 +55,7 @@ class TrainState(struct.PyTreeNode):
             opt_state=optimizer.init(params),
             rng=jax.random.PRNGKey(seed),
             baseline=ema_baseline_init() if ema_baseline else None,
+            base_params=base_params,
         )
 
 

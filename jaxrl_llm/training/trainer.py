@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import signal
 import sys
@@ -55,6 +56,7 @@ import transformers
 from flax import nnx
 
 from jaxrl_llm import models, parallel
+from jaxrl_llm.models import lora
 from jaxrl_llm.errors import Interrupted, UserError
 from jaxrl_llm.rewards import Sample, build_reward
 from jaxrl_llm.rollout import generate
@@ -111,10 +113,12 @@ def compute_dtype(config: Config):
 
 
 def load_policy(config: Config):
-    """The policy (parameters in `model.param_dtype`, execution options set) and its tokenizer."""
+    """The policy (parameters in `model.param_dtype`, execution options set) and its tokenizer.
+    With LoRA the weights are frozen and only ever read by forward passes: they load in the
+    compute dtype `model.dtype` (the adapters added later are `param_dtype`)."""
     directory, gguf_file = resolve_model_path(config)
     m = config.model
-    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.param_dtype), gguf_file=gguf_file)
+    policy = models.from_pretrained(directory, dtype=policy_dtype(config), gguf_file=gguf_file)
     policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
                          attention_block=m.attention_block)
     tokenizer = load_tokenizer(directory, gguf_file)
@@ -127,6 +131,45 @@ def load_policy(config: Config):
                         f"embedding table has {rows} rows; the tokenizer belongs to another model (save the "
                         "model's own tokenizer beside its weights).")
     return policy, tokenizer
+
+
+def policy_dtype(config: Config):
+    """The dtype the policy's weights load in: `model.param_dtype`, or with LoRA (a frozen base,
+    only read by forward passes) the compute dtype `model.dtype`."""
+    m = config.model
+    return jnp.dtype(m.dtype if m.lora is not None else m.param_dtype)
+
+
+def split_policy(policy, config: Config):
+    """`(graphdef, trained policy params, frozen base params, reference graphdef)` of the loaded
+    policy: every weight is trained (the last two None), or with `model.lora` adapters are added
+    (in place) and trained alone, on a frozen base whose graph without them is the reference."""
+    spec = config.model.lora_spec()
+    if spec is None:
+        graphdef, params = nnx.split(policy)
+        return graphdef, params, None, None
+    reference_graphdef = nnx.graphdef(policy)
+    lora.add_lora(policy, spec, param_dtype=config.model.param_dtype, rngs=nnx.Rngs(config.train.seed))
+    graphdef, params, base_params = lora.split(policy)
+    return graphdef, params, base_params, reference_graphdef
+
+
+def model_fingerprint(config: Config) -> dict:
+    """`{"path", "sha256"}` of the policy's weight files (config.json, safetensors or the GGUF
+    file): what a LoRA checkpoint names its base by, since it does not hold it."""
+    directory, gguf_file = resolve_model_path(config)
+    directory = Path(directory)
+    if gguf_file is not None:
+        files = [directory / gguf_file]
+    else:
+        files = [directory / "config.json", *sorted(directory.glob("*.safetensors")),
+                 *sorted(directory.glob("model.safetensors.index.json"))]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return {"path": config.model.path, "sha256": digest.hexdigest()}
 
 
 def context_length(policy) -> int | None:
@@ -233,13 +276,17 @@ def informative_rows(scores, valid, num_samples: int, num_groups: int) -> np.nda
     return (groups[:, None] * num_samples + np.arange(num_samples)).reshape(-1)
 
 
-def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch):
+def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch,
+                dropout_key=None):
     """One optimizer step on `batch` (micro-batch by micro-batch when configured):
-    `(new state, (aux Stats, {"loss/total", "grad_norm", "finite"}))`.
+    `(new state, (aux Stats, {"loss/total", "grad_norm", "finite"}))`. Only `state.params` are
+    differentiated and updated (a LoRA policy's base is read, never touched). `dropout_key`: the
+    LoRA adapters' dropout in this update's forward (None: none).
 
     A non-finite loss or gradient norm leaves the state as it was (`finite` False): applied, a
     NaN would reach every parameter, and the host decides whether to stop or skip the batch."""
-    (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch)
+    (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch, state.base_params,
+                                                                    dropout_key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -277,7 +324,6 @@ class Trainer:
         # Model, tokenizer, task, reward.
         policy, self.tokenizer = load_policy(c)
         self.prompt_limit = self._prompt_limit(context_length(policy))
-        self.graphdef, policy_params = nnx.split(policy)
         self.eos_ids = stop_token_ids(c, self.tokenizer)
         self.task = get_task(c.task.name, tokenizer=self.tokenizer, **c.task.options)
         self.verifies = task_verifies(self.task)
@@ -295,21 +341,30 @@ class Trainer:
         self._told_long_prompts = False
         self._invalid_steps = 0  # consecutive steps in which every reward failed
 
-        # The critic exists only for PPO.
+        # The critic exists only for PPO (trained in full, in param_dtype, also beside LoRA).
         critic_graphdef = critic_params = None
         if c.algo.name == "ppo":
             critic = models.make_critic(policy, c.algo.critic, rngs=nnx.Rngs(c.train.seed))
             critic_graphdef, critic_params = nnx.split(critic)
+            critic_params = models.cast_floating(critic_params, jnp.dtype(c.model.param_dtype))
+
+        # The policy's trained parameters: every weight, or (LoRA) adapters on a frozen base whose
+        # graph without them is the reference policy.
+        self.lora_spec = c.model.lora_spec()
+        self.graphdef, policy_params, base_params, self.reference_graphdef = split_policy(policy, c)
+        del policy
         self.compute_dtype = compute_dtype(c)
         self.algorithm = Algorithm(c.algo, graphdef=self.graphdef, critic_graphdef=critic_graphdef,
                                    temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
                                    top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
-                                   micro_batch_size=c.train.micro_batch_size)
+                                   micro_batch_size=c.train.micro_batch_size,
+                                   reference_graphdef=self.reference_graphdef)
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
                                   ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
-                                  reference=self.algorithm.uses_reference, reference_dtype=self.compute_dtype)
+                                  reference=self.algorithm.uses_reference, reference_dtype=self.compute_dtype,
+                                  base_params=base_params)
         self.state, self.state_shardings = self._place(state)
 
         # Compiled once: shapes are fixed by the config. The sampler's compute-dtype view of the
@@ -329,10 +384,27 @@ class Trainer:
 
     def restore(self, step: int | None = None, *, asked_by: str = "--resume") -> int:
         """Load the checkpoint of `step` (default: the latest) into this trainer; returns its step.
-        `asked_by` names the flag that asked, in the error when there is no such checkpoint."""
-        self.state, meta = self.checkpointer.restore(self.state, step, asked_by=asked_by)
+        `asked_by` names the flag that asked, in the error when there is no such checkpoint.
+        A LoRA checkpoint holds no base weights: this run's base must be the one it names."""
+        base = self.state.base_params
+        state, meta = self.checkpointer.restore(self.state.replace(base_params=None), step, asked_by=asked_by)
+        if base is not None:
+            stored, ours = meta.get("base"), model_fingerprint(self.config)
+            if stored is not None and stored["sha256"] != ours["sha256"]:
+                raise UserError(f"`model.path`: the checkpoint of step {int(state.step)} holds LoRA adapters trained on "
+                                f"the base {stored['path']!r} (sha256 {stored['sha256'][:12]}...), but this run's base "
+                                f"{ours['path']!r} has sha256 {ours['sha256'][:12]}...; point model.path at the "
+                                "base the adapters were trained on.")
+        self.state = state.replace(base_params=base)
         self.data_position = int(meta["data_position"])
         return int(self.state.step)
+
+    def policy_model(self, dtype=None) -> nnx.Module:
+        """The current policy as a model (with its adapters, under LoRA), parameters cast to `dtype`."""
+        states = (self.state.params["policy"],)
+        if self.state.base_params is not None:
+            states += (self.state.base_params,)
+        return nnx.merge(self.graphdef, *models.cast_floating(states, dtype))
 
     def _place(self, state: TrainState):
         """Parameters and optimizer state: replicated, or sharded over `fsdp`."""
@@ -396,7 +468,8 @@ class Trainer:
         # A few fixed widths (powers of two from 16, capped at the prompt limit): steps compile a few times.
         width = bucket_width(max(map(len, rows)), limit=self.prompt_limit)
         ids, mask = left_pad(rows, width, self.tokenizer.pad_token_id)
-        policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]))
+        policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]),
+                           *(() if self.state.base_params is None else (self.state.base_params,)))
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
         for i, start in enumerate(range(0, len(rows), prompts_per_call)):
@@ -509,7 +582,8 @@ class Trainer:
                                       c.algo.num_samples, c.algo.num_minibatches)
             for indices in order:
                 minibatch = train_batch if self.algorithm.single_update else take(train_batch, indices)
-                self.state, (stats, scalars) = self._update(self.state, minibatch)
+                self.state, (stats, scalars) = self._update(self.state, minibatch,
+                                                            self._dropout_key(shuffle_key, len(update_scalars)))
                 update_stats.append(stats)
                 update_scalars.append(scalars)
         self.state = self.state.replace(step=self.state.step + 1)
@@ -554,6 +628,13 @@ class Trainer:
         metrics["loss/policy"] = metrics.get("loss/policy", metrics["loss/total"])
         return metrics
 
+    def _dropout_key(self, shuffle_key, update: int):
+        """LoRA dropout's key for the `update`-th update of a step (None without dropout); the epochs'
+        permutation keys are fold_in(shuffle_key, epoch < update_epochs), so these never collide."""
+        if self.lora_spec is None or not self.lora_spec.dropout:
+            return None
+        return jax.random.fold_in(shuffle_key, self.config.algo.update_epochs + update)
+
     def _report_nonfinite(self, metrics: dict, update_scalars: list[dict]) -> None:
         """Name the non-finite metrics of a step whose updates were not applied, then stop
         (`train.on_nonfinite: stop`) or warn and go on (`skip`)."""
@@ -585,7 +666,12 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"data_position": self.data_position, "step": int(self.state.step), "config": self.config.to_dict()}
-        self.checkpointer.save(int(self.state.step), self.state, meta)
+        state = self.state
+        if state.base_params is not None:  # LoRA: adapters and their optimizer state; the base by name
+            self._base_fingerprint = getattr(self, "_base_fingerprint", None) or model_fingerprint(self.config)
+            meta["base"] = self._base_fingerprint
+            state = state.replace(base_params=None)
+        self.checkpointer.save(int(self.state.step), state, meta)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -781,14 +867,25 @@ def train(config: Config, *, resume: bool = False) -> dict:
     return Trainer(config, resume=resume).run()
 
 
-def export(config: Config, output: str | Path, *, step: int | None = None) -> tuple[Path, int]:
-    """Write the policy of a run's checkpoint (`step`, default the latest) as a Hugging Face
-    directory (`save_pretrained`); returns the directory and the step written."""
+def export(config: Config, output: str | Path, *, step: int | None = None, merge: bool = False) -> tuple[Path, int]:
+    """Write the policy of a run's checkpoint (`step`, default the latest); returns the directory
+    and the step written.
+
+    Full fine-tuning: a Hugging Face directory (`save_pretrained`). LoRA: a PEFT adapter directory
+    (`adapter_config.json`, `adapter_model.safetensors`) for `peft.PeftModel.from_pretrained` on the
+    base model, or with `merge` the base with the adapters folded in, as a Hugging Face directory.
+    The tokenizer is written beside either."""
     trainer = Trainer(config)
     step = trainer.restore(step, asked_by="train.run_dir" if step is None else "--step")
-    policy = nnx.merge(trainer.graphdef, trainer.state.params["policy"])
+    policy = trainer.policy_model()
     output = Path(output)
-    models.save_pretrained(policy, output)
+    if trainer.lora_spec is None:
+        models.save_pretrained(policy, output)
+    elif merge:
+        models.save_pretrained(lora.merge_lora(policy), output)
+    else:
+        directory, _ = resolve_model_path(config)
+        lora.save_peft_adapter(policy, output, base_model_name_or_path=str(Path(directory).absolute()))
     trainer.tokenizer.save_pretrained(str(output))
     return output, step
 

@@ -1,0 +1,214 @@
+"""RL on LoRA adapters: one copy of the weights, adapter-only optimizer state, the base with the
+adapters off as the reference, checkpoints without the base, PEFT and merged exports.
+
+The trainer's policy and reference log-probabilities are checked against transformers + peft in
+PyTorch (an independent implementation of the forward pass), and its adapter gradient against
+the full-weight gradient of the merged model (dL/dB = s A^T dL/dW, dL/dA = s dL/dW B^T).
+"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxrl_llm import models
+from jaxrl_llm.errors import UserError
+from jaxrl_llm.models import lora
+from jaxrl_llm.training import Algorithm, Trainer
+from jaxrl_llm.training.algorithms import sequence_inputs
+from jaxrl_llm.training.state import step_keys
+from jaxrl_llm.training.trainer import export
+from tests.models.conftest import hf_positions
+
+LORA = "model.lora={rank: 4, alpha: 8.0}"
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def test_the_state_holds_the_base_once_and_optimizer_state_for_the_adapters_only(toy_config):
+    full = Trainer(toy_config())
+    adapted = Trainer(toy_config(LORA))
+    s = adapted.state
+    assert s.ref_params is None and s.base_params is not None
+    # What the optimizer sees is the adapters: every trained leaf is a LoRA factor.
+    trained = nnx.to_flat_state(s.params["policy"])
+    assert trained and all(path[-1] in ("lora_a", "lora_b") for path, _ in trained)
+    base_bytes, adapter_bytes = nbytes(s.base_params), nbytes(s.params["policy"])
+    weights = nbytes(full.state.params["policy"])
+    assert base_bytes == weights  # the base, once (float32 here, like the full policy)
+    # 2 layers x (q, k, v, o, gate, up, down), rank 4, on a width-32 model (MLP 64, kv width 16).
+    assert adapter_bytes == 4 * 2 * 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+    # AdamW's two moments of the adapters (and scalar counts), nothing of the base's size.
+    assert 2 * adapter_bytes <= nbytes(s.opt_state) < 2 * adapter_bytes + 64
+    # Full fine-tuning holds weights, a reference copy and two moments (4x); LoRA the base and ~3x adapters.
+    assert nbytes(full.state) >= 4 * weights
+    assert nbytes(s) < weights + 3 * adapter_bytes + 64
+
+
+def _torch_completion_logprobs(hf_model, batch):
+    """log pi(token) of each completion token by transformers (temperature 1), [N, T]."""
+    ids, attention = (np.asarray(x) for x in sequence_inputs(batch))
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(attention),
+                          position_ids=torch.tensor(hf_positions(attention))).logits.double()
+    p, t = batch.prompt_ids.shape[1], batch.tokens.shape[1]
+    logp = torch.log_softmax(logits[:, p - 1: p - 1 + t], -1)
+    return logp.gather(-1, torch.tensor(np.asarray(batch.tokens)).long()[..., None])[..., 0].numpy()
+
+
+def test_policy_and_reference_logprobs_are_transformers_and_peft(toy_config, tiny_policy_dir, tmp_path):
+    """After a few updates the adapters have moved: the trainer's policy log-probabilities equal
+    PEFT's adapted transformers model (loaded from our export), its reference log-probabilities
+    equal the transformers base, the sampler's equal the training forward's, and the base
+    weights are exactly the loaded checkpoint's."""
+    peft = pytest.importorskip("peft")
+    config = toy_config(LORA, "train.steps=3", "train.checkpoint_every=3")
+    trainer = Trainer(config)
+    loaded = numpy_tree(trainer.state.base_params)
+    trainer.run()
+    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(numpy_tree(trainer.state.base_params))):
+        np.testing.assert_array_equal(x, y)  # never updated
+    assert max(float(np.abs(np.asarray(x)).max()) for path, x in
+               jax.tree_util.tree_leaves_with_path(trainer.state.params["policy"]) if "lora_b" in str(path)) > 0
+
+    batch, *_ = trainer.collect()
+    _, train_batch, _ = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    mask = np.asarray(batch.mask) > 0
+    policy = trainer.algorithm._forward(trainer.state.params["policy"], batch, trainer.state.base_params).logprobs
+
+    export(config, tmp_path / "adapter")
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    np.testing.assert_allclose(np.asarray(train_batch.ref_logprobs)[mask],
+                               _torch_completion_logprobs(base_hf, batch)[mask], atol=1e-4)
+    peft_model = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(np.asarray(policy)[mask], _torch_completion_logprobs(peft_model, batch)[mask],
+                               atol=1e-4)
+    # The sampler runs the adapted policy: its log-probabilities are the training forward's.
+    rows = trainer._tokenize(trainer.task.train_batch(0, 8))
+    rollout = trainer._sample(rows, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
+    sampled = batch._replace(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                             tokens=rollout.tokens, mask=rollout.mask)
+    recomputed = trainer.algorithm._forward(trainer.state.params["policy"], sampled, trainer.state.base_params)
+    np.testing.assert_allclose(np.where(np.asarray(rollout.mask) > 0, recomputed.logprobs, 0.0), rollout.logprobs,
+                               atol=2e-5)
+
+
+def test_the_adapter_gradient_is_the_merged_models_gradient_pulled_through_the_other_factor(toy_config):
+    """The trainer's update differentiates the adapters only, and their gradient is the chain rule
+    applied to the full-fine-tuning gradient of the merged weights on the same batch."""
+    trainer = Trainer(toy_config(LORA, "train.steps=2"))
+    for _ in range(2):
+        trainer.step()  # move B off zero
+    batch, *_ = trainer.collect()
+    state, train_batch, _ = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    _, grads = jax.jit(trainer.algorithm.value_and_grad)(state.params, train_batch, state.base_params)
+    assert set(grads) == {"policy"}
+    merged = lora.merge_lora(trainer.policy_model())
+    graphdef, merged_params = nnx.split(merged)
+    full = Algorithm(trainer.config.algo, graphdef=graphdef, temperature=trainer.config.rollout.temperature,
+                     chunk_size=None)
+    _, full_grads = jax.jit(full.value_and_grad)({"policy": merged_params}, train_batch)
+    adapted = trainer.policy_model()
+    s = 8.0 / 4
+    checked = 0
+    for path, linear in lora.adapted_modules(adapted):
+        node_full, node_lora = full_grads["policy"], grads["policy"]
+        for part in path.split("."):
+            key = int(part) if part.isdigit() else part
+            node_full, node_lora = node_full[key], node_lora[key]
+        dw = np.asarray(node_full["kernel"][...], np.float64)
+        a, b = np.asarray(linear.lora.lora_a[...], np.float64), np.asarray(linear.lora.lora_b[...], np.float64)
+        scale = max(np.abs(dw).max(), 1e-8)
+        np.testing.assert_allclose(np.asarray(node_lora["lora"]["lora_b"][...]), s * a.T @ dw, atol=2e-4 * scale)
+        np.testing.assert_allclose(np.asarray(node_lora["lora"]["lora_a"][...]), s * dw @ b.T, atol=2e-4 * scale)
+        checked += 1
+    assert checked == 2 * 7
+
+
+def test_dropout_changes_the_update_and_is_reproducible(toy_config, tmp_path):
+    def adapters_after_one_step(dropout, name):
+        trainer = Trainer(toy_config(f"model.lora={{rank: 4, alpha: 8.0, dropout: {dropout}}}",
+                                     f"train.run_dir={tmp_path / name}"))
+        trainer.step()
+        return jax.tree.leaves(numpy_tree(trainer.state.params["policy"]))
+
+    plain, dropped, again = (adapters_after_one_step(0.0, "a"), adapters_after_one_step(0.3, "b"),
+                             adapters_after_one_step(0.3, "c"))
+    assert max(float(np.abs(x - y).max()) for x, y in zip(plain, dropped)) > 1e-6
+    for x, y in zip(dropped, again):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoints_hold_adapters_only_and_resume_exactly(toy_config, tiny_policy_dir, tmp_path):
+    straight = Trainer(toy_config(LORA, "train.steps=4", f"train.run_dir={tmp_path / 'straight'}"))
+    straight.run()
+    first = Trainer(toy_config(LORA, "train.steps=2", "train.checkpoint_every=2",
+                               f"train.run_dir={tmp_path / 'resumed'}"))
+    first.run()
+    keys = first.checkpointer.stored_keys()
+    assert not any(k.startswith(("base_params", "ref_params")) for k in keys)
+    trained = [k for k in keys if k.startswith(("params/policy/", "opt_state/")) and not k.endswith("count")]
+    assert trained and all(k.endswith(("lora_a/value", "lora_b/value")) for k in trained)
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["base"]["path"] == str(tiny_policy_dir) and len(meta["base"]["sha256"]) == 64
+    resumed = Trainer(toy_config(LORA, "train.steps=4", f"train.run_dir={tmp_path / 'resumed'}"), resume=True)
+    assert int(resumed.state.step) == 2
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(numpy_tree((straight.state.params, straight.state.opt_state))),
+                    jax.tree.leaves(numpy_tree((resumed.state.params, resumed.state.opt_state)))):
+        np.testing.assert_array_equal(a, b)
+
+    # Adapters on another base are refused, naming both.
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_policy_dir, other)
+    model = models.from_pretrained(other)
+    model.model.norm.weight[...] = model.model.norm.weight[...] * 1.5
+    models.save_pretrained(model, other)
+    with pytest.raises(UserError, match=r"`model.path`: the checkpoint of step 4 holds LoRA adapters trained on"):
+        Trainer(toy_config(LORA, f"model.path={other}", f"train.run_dir={tmp_path / 'resumed'}"), resume=True)
+    # A full fine-tuning checkpoint is not a LoRA run's.
+    Trainer(toy_config("train.steps=1", f"train.run_dir={tmp_path / 'plain'}")).run()
+    with pytest.raises(UserError, match=r"checkpoint step 1 lacks .*this run trains LoRA adapters \(model.lora\) and "
+                                        r"the checkpoint is of full fine-tuning"):
+        Trainer(toy_config(LORA, f"train.run_dir={tmp_path / 'plain'}"), resume=True)
+
+
+def test_merged_export_is_a_transformers_model_with_the_adapted_logits(toy_config, tmp_path):
+    from jaxrl_llm.cli import main
+
+    config = toy_config(LORA, "train.steps=2")
+    trainer = Trainer(config)
+    trainer.run()
+    adapted = trainer.policy_model()
+    assert main(["export", "--config", str(_write(config, tmp_path)), "--output", str(tmp_path / "merged"),
+                 "--merge"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = np.array([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(adapted(jnp.asarray(ids), jnp.asarray(mask))), theirs, atol=1e-4)
+    assert main(["export", "--config", str(_write(config, tmp_path)), "--output", str(tmp_path / "adapter")]) == 0
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0 and adapter_config["peft_type"] == "LORA"
+
+
+def _write(config, tmp_path):
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
