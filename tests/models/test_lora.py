@@ -164,7 +164,7 @@ def test_execution_options_and_the_kv_cache_see_the_adapters(tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_peft_loads_our_adapter_with_our_logits(name, tmp_path):
     """save_peft_adapter -> peft.PeftModel.from_pretrained on the transformers base: logits equal."""
-    peft = pytest.importorskip("peft")
+    import peft
     model, directory, hf = _loaded(name, tmp_path)
     lora.add_lora(model, LoraSpec(rank=4, alpha=12.0, dropout=0.1), rngs=nnx.Rngs(0))
     model = _randomize_adapters(model)

@@ -73,7 +73,7 @@ def test_policy_and_reference_logprobs_are_transformers_and_peft(toy_config, tin
     PEFT's adapted transformers model (loaded from our export), its reference log-probabilities
     equal the transformers base, the sampler's equal the training forward's, and the base
     weights are exactly the loaded checkpoint's."""
-    peft = pytest.importorskip("peft")
+    import peft
     config = toy_config(LORA, "train.steps=3", "train.checkpoint_every=3")
     trainer = Trainer(config)
     loaded = numpy_tree(trainer.state.base_params)
@@ -212,3 +212,49 @@ def _write(config, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     return path
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo.name=ppo", "algo.critic=separate", "mesh.fsdp=2"],
+    ["algo.name=raft", "model.dtype=bfloat16"],
+    ["algo.name=grpo", "algo.update_epochs=2", "train.micro_batch_size=8", "mesh.data=2"],
+], ids=["ppo-separate-critic-fsdp", "raft-bf16", "grpo-2-epochs-micro-batches"])
+def test_every_algorithm_trains_adapters_on_a_frozen_base(toy_config, overrides):
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    trainer = Trainer(toy_config("model.lora={rank: 4, alpha: 8.0, targets: [q, v, down]}", *overrides))
+    s = trainer.state
+    base = numpy_tree(s.base_params)
+    adapters = numpy_tree(s.params["policy"])
+    metrics = trainer.step()
+    assert np.isfinite(metrics["loss/total"]) and metrics["train/skipped_updates"] == 0
+    assert s.ref_params is None
+    for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(numpy_tree(trainer.state.base_params))):
+        np.testing.assert_array_equal(x, y)
+    assert any(np.abs(x - y).max() > 0 for x, y in zip(jax.tree.leaves(adapters),
+                                                        jax.tree.leaves(numpy_tree(trainer.state.params["policy"]))))
+    if "model.dtype=bfloat16" in overrides:  # the frozen base in the compute dtype, adapters float32
+        assert {x.dtype for x in jax.tree.leaves(trainer.state.base_params)} == {jnp.dtype(jnp.bfloat16)}
+        assert {x.dtype for x in jax.tree.leaves(trainer.state.params["policy"])} == {jnp.dtype(jnp.float32)}
+    if "algo.name=ppo" in overrides:  # the critic is trained in full beside the adapters
+        assert "critic" in trainer.state.params and jax.tree.leaves(trainer.state.params["critic"])
+
+
+def test_the_plan_counts_the_base_once(tiny_policy_dir):
+    from jaxrl_llm.training import load_config
+    from jaxrl_llm.training.plan import plan
+
+    def state_bytes(*overrides):
+        config = load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompts_per_step=4",
+                                    "algo.num_samples=4", "rollout.prompt_length=8", "rollout.max_new_tokens=8",
+                                    *overrides])
+        result = plan(config, devices=1, programs=("generate", "update"))
+        assert {m.name for m in result["programs"]} == {"generate", "update"}
+        return result["state_bytes"]
+
+    weights = nbytes(nnx.state(models.from_pretrained(tiny_policy_dir)))
+    adapters = 4 * 2 * 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+    # Full: float32 weights, a reference copy and two AdamW moments. LoRA: the base once, the
+    # adapters and their two moments. (Plus a few scalars: step, key, AdamW's count.)
+    assert 4 * weights <= state_bytes() < 4 * weights + 64
+    assert weights + 3 * adapters <= state_bytes("model.lora={rank: 4}") < weights + 3 * adapters + 64
