@@ -1,6 +1,7 @@
 """`jaxrl-llm train | eval | export | plan`.
 
     jaxrl-llm train --config configs/rloo_arithmetic.yaml [--resume] [section.key=value ...]
+    jaxrl-llm train --config ... --coordinator HOST:PORT --num-processes N --process-id I   (one per host)
     jaxrl-llm eval --config configs/rloo_arithmetic.yaml [--checkpoint]
     jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/ [--step N] [--merge]
     jaxrl-llm plan --config configs/rloo_arithmetic.yaml --devices 8 [--device-memory-gb 80]
@@ -37,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, parents=[common])
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+            p.add_argument("--coordinator", default=None,
+                           help="multi-process run: HOST:PORT of process 0 (with --num-processes, --process-id)")
+            p.add_argument("--num-processes", type=int, default=None, help="multi-process run: how many processes")
+            p.add_argument("--process-id", type=int, default=None, help="multi-process run: this process, 0..N-1")
+            p.add_argument("--distributed-auto", action="store_true",
+                           help="multi-process run set up by the cluster (SLURM, Open MPI, TPU pods): JAX "
+                                "detects the coordinator and this process's id")
         if name == "eval":
             p.add_argument("--checkpoint", action="store_true", help="evaluate the run's latest checkpoint")
         if name == "export":
@@ -88,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from jaxrl_llm.errors import UserError
 
+    if args.command == "train":  # before anything else touches JAX
+        from jaxrl_llm.parallel import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed_auto)
     if args.command == "plan":
         if args.devices < 1:
             raise UserError(f"`--devices`: got {args.devices}, expected a positive integer.")

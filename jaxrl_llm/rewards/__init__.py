@@ -248,10 +248,18 @@ class RewardFunction:
         valid = np.isfinite(total)
         if self.clip is not None:
             total = np.clip(total, -self.clip, self.clip)
-        if (self.normalize if normalize is None else normalize) and valid.sum() > 1:
-            mean, std = total[valid].mean(), total[valid].std()
-            total = (total - mean) / (std + 1e-8)
+        if self.normalize if normalize is None else normalize:
+            total = standardize(total, valid)
         return np.where(valid, total, 0.0).astype(np.float32), valid
+
+
+def standardize(total: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`reward.normalize`: the batch's valid rewards shifted to mean 0 and scaled to std 1."""
+    total = np.asarray(total, np.float64)
+    if valid.sum() <= 1:
+        return total
+    mean, std = total[valid].mean(), total[valid].std()
+    return (total - mean) / (std + 1e-8)
 
 
 def build_reward(reward_config, task) -> RewardFunction:
@@ -280,5 +288,5 @@ def build_reward(reward_config, task) -> RewardFunction:
     )
 
 
-__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "load_function", "python_term",
+__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "load_function", "python_term", "standardize",
            "reward_model_term", "task_term", "trl_arguments", "verifier_term"]

@@ -505,7 +505,9 @@ def _check_prompts(prompt_ids, prompt_mask) -> tuple[jax.Array, jax.Array]:
     mask_dtype = jnp.result_type(prompt_mask)
     if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
         raise UserError(f"prompt_mask: got dtype {mask_dtype}, expected bool or integer 0/1")
-    if not isinstance(prompt_mask, jax.core.Tracer):  # value checks only where values are concrete
+    # Value checks only where the values are concrete and on this host (a multi-process global
+    # array is checked by the process that built it).
+    if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
         mask = np.asarray(prompt_mask)
         if not np.isin(mask, (0, 1)).all():
             raise UserError("prompt_mask: expected only 0/1 values")

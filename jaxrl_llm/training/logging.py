@@ -33,25 +33,28 @@ def to_json(value, **kwargs) -> str:
 class MetricsLogger:
     """Appends each step's metrics to `metrics.jsonl` and mirrors the finite scalars to
     TensorBoard and W&B (`wandb`: a `WandbConfig`, or None); eval samples go to `samples.jsonl`
-    and, as a table, to both."""
+    and, as a table, to both. `write=False` (every process of a multi-process run but the first)
+    keeps the history in memory and writes nothing."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, append: bool = False, wandb=None,
-                 config: dict | None = None):
+                 config: dict | None = None, write: bool = True):
         self.run_dir = run_dir
+        self.write = write
         self.path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
+        self.history: list[dict] = []
+        self.writer = self.wandb = None
+        if not write:
+            return
         if not append:
             for path in (self.path, self.samples_path):
                 path.unlink(missing_ok=True)
-        self.history: list[dict] = []
         if append and self.path.exists():
             self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.wandb = None
         if wandb is not None:
             from jaxrl_llm.training.wandb_sink import WandbSink
 
@@ -61,6 +64,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(to_json(row) + "\n")
         scalars = {k: v for k, v in row.items()
@@ -74,7 +79,7 @@ class MetricsLogger:
     def log_samples(self, step: int, rows: list[dict]) -> None:
         """Eval completions (`SAMPLE_COLUMNS`) at `step`: JSON lines, a TensorBoard text table, a
         W&B table."""
-        if not rows:
+        if not rows or not self.write:
             return
         with self.samples_path.open("a") as f:
             f.writelines(to_json({"step": int(step), **row}) + "\n" for row in rows)
@@ -87,6 +92,8 @@ class MetricsLogger:
     def drop_after(self, step: int) -> None:
         """Forget rows past `step` (a resumed run replays them)."""
         self.history = [row for row in self.history if row["step"] <= step]
+        if not self.write:
+            return
         self.path.write_text("".join(to_json(row) + "\n" for row in self.history))
         if self.samples_path.exists():
             kept = [line for line in self.samples_path.read_text().splitlines()

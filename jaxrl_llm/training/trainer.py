@@ -58,7 +58,8 @@ from flax import nnx
 from jaxrl_llm import models, parallel
 from jaxrl_llm.models import lora
 from jaxrl_llm.errors import Interrupted, UserError
-from jaxrl_llm.rewards import Sample, build_reward
+from jaxrl_llm.parallel import distributed
+from jaxrl_llm.rewards import Sample, build_reward, standardize
 from jaxrl_llm.rollout import generate
 from jaxrl_llm.rollout.padding import bucket_width, left_pad
 from jaxrl_llm.tasks import get_task, task_verifies
@@ -474,23 +475,41 @@ class Trainer:
         parts = []
         for i, start in enumerate(range(0, len(rows), prompts_per_call)):
             part = ids[start:start + prompts_per_call], mask[start:start + prompts_per_call]
+            count = len(part[0])
+            if count % self.mesh.size and jax.process_count() > 1:
+                # Several processes sample on the global mesh only: repeat the last prompt up to a
+                # multiple of its devices (dropped below). One process keeps the rows as they are.
+                extra = self.mesh.size - count % self.mesh.size
+                part = tuple(np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) for x in part)
             if len(part[0]) % self.mesh.size == 0:
                 part = jax.device_put(part, parallel.batch_sharding(self.mesh))
-            parts.append(generate(
+            out = generate(
                 policy, *part, max_new_tokens=r.max_new_tokens, rng=jax.random.fold_in(key, i) if i else key,
                 num_samples=num_samples, temperature=temperature, top_k=r.top_k if temperature else 0,
                 top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.tokenizer.pad_token_id, cache_dtype=self.compute_dtype))
+                pad_token_id=self.tokenizer.pad_token_id, cache_dtype=self.compute_dtype)
+            # On the host, as numpy: with several processes, each one's rows gathered to all.
+            parts.append(jax.tree.map(lambda x: distributed.to_host(x)[:count * num_samples], out))
         if len(parts) == 1:
             return parts[0]
-        return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
     def _score(self, examples, rollout, num_samples, *, normalize=None):
-        tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-        texts, finished, ids = decode_completions(self.tokenizer, tokens, mask, self.eos_ids)
+        """Decoded `Sample`s and their `(scores, valid)`. With several processes each process scores
+        the rows its devices sampled, and the scores are gathered (then normalized, if configured,
+        over the whole batch)."""
+        texts, finished, ids = decode_completions(self.tokenizer, rollout.tokens, rollout.mask, self.eos_ids)
         repeated = [e for e in examples for _ in range(num_samples)]
         samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
-        scores, valid = self.reward_fn(samples, normalize=normalize)
+        n = len(samples)
+        if jax.process_count() == 1 or n % self.mesh.size:
+            scores, valid = self.reward_fn(samples, normalize=normalize)
+            return samples, scores, valid
+        rows = distributed.local_rows(parallel.batch_sharding(self.mesh), n)
+        scores, valid = self.reward_fn([samples[i] for i in rows], normalize=False)
+        scores, valid = distributed.gather_rows(scores, rows, n), distributed.gather_rows(valid, rows, n)
+        if self.reward_fn.normalize if normalize is None else normalize:
+            scores = np.where(valid, standardize(scores, valid), 0.0).astype(np.float32)
         return samples, scores, valid
 
     def evaluate(self) -> dict:
@@ -522,8 +541,7 @@ class Trainer:
         if k and self.verifies:
             rollout = self._sample(self.eval_rows, jax.random.fold_in(key, 1), num_samples=k,
                                    temperature=c.rollout.temperature)
-            texts_k, finished_k, _ = decode_completions(self.tokenizer, np.asarray(rollout.tokens),
-                                                        np.asarray(rollout.mask), self.eos_ids)
+            texts_k, finished_k, _ = decode_completions(self.tokenizer, rollout.tokens, rollout.mask, self.eos_ids)
             repeated = [e for e in self.eval_examples for _ in range(k)]
             correct_k = (np.asarray(self.task.score_batch(repeated, texts_k, finished_k)) >= 1.0).reshape(-1, k)
             metrics[f"eval/pass@{k}"] = float(np.mean(pass_at_k(correct_k.sum(axis=1), k, k)))
@@ -601,8 +619,8 @@ class Trainer:
         metrics["train/skipped_updates"] = float(sum(not u["finite"] for u in update_scalars))
         if metrics["train/skipped_updates"]:
             self._report_nonfinite(metrics, update_scalars)
-        scores, valid = np.asarray(batch.scores), np.asarray(batch.valid)
-        lengths = np.asarray(batch.mask).sum(-1)
+        scores, valid, mask = (distributed.to_host(x) for x in (batch.scores, batch.valid, batch.mask))
+        lengths = mask.sum(-1)
         finished = np.array([s.finished for s in samples])
         elapsed = time.perf_counter() - start
         ok = sampled_valid
@@ -677,12 +695,16 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         first = int(self.state.step)
-        (self.run_dir / "config.json").write_text(to_json(c.to_dict(), indent=2))
+        # Several processes run this loop in step; the first one writes logs, plots and summaries.
+        primary = distributed.is_primary()
+        say = print if primary else (lambda *args, **kwargs: None)
+        if primary:
+            (self.run_dir / "config.json").write_text(to_json(c.to_dict(), indent=2))
         self.logger = MetricsLogger(self.run_dir, tensorboard=c.train.tensorboard, append=self.resumed,
-                                    wandb=c.train.wandb, config=c.to_dict())
+                                    wandb=c.train.wandb, config=c.to_dict(), write=primary)
         if self.resumed:
             self.logger.drop_after(first)
-            print(f"resumed from step {first} of {self.checkpointer.directory}")
+            say(f"resumed from step {first} of {self.checkpointer.directory}")
         summary = {"start_step": first}
         before, rows = self.evaluate_with_samples()
         if before:
@@ -690,8 +712,8 @@ class Trainer:
             if first == 0:
                 self.logger.log(0, before)  # the curve starts where the policy started
                 self.logger.log_samples(0, rows)
-            print(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
-        progress = Progress(enabled=c.train.progress, total=c.train.steps, before=before)
+            say(f"held-out {_describe_eval(before)} before ({len(self.eval_examples)} examples)")
+        progress = Progress(enabled=c.train.progress and primary, total=c.train.steps, before=before)
         last, finished = {}, False
         try:
             with StopSignals() as stop:
@@ -721,13 +743,14 @@ class Trainer:
         after = {k: v for k, v in last.items() if k.startswith("eval/")} or self.evaluate()
         if after:
             summary.update({f"{key}_after": value for key, value in after.items()})
-            print(f"held-out {_describe_eval(after)} after")
-        if c.train.plot and self.logger.history:
-            plot_curves(self.logger.history, self.run_dir / "curves.png", f"{c.algo.name} on {c.task.name}")
+            say(f"held-out {_describe_eval(after)} after")
         summary.update(last)
-        (self.run_dir / "summary.json").write_text(to_json(summary, indent=2))
+        if primary:
+            if c.train.plot and self.logger.history:
+                plot_curves(self.logger.history, self.run_dir / "curves.png", f"{c.algo.name} on {c.task.name}")
+            (self.run_dir / "summary.json").write_text(to_json(summary, indent=2))
         self.logger.close()
-        print(f"run directory: {self.run_dir}")
+        say(f"run directory: {self.run_dir}")
         return summary
 
 
