@@ -102,3 +102,16 @@ def test_two_processes_train_as_one(tiny_policy_dir, tmp_path):
     worst = max(float(np.abs(a - b).max()) for a, b in zip(params(restored), params(single)))
     assert worst <= 1e-6, worst
     print(f"2 processes x 2 devices vs 1 x 4: max |param difference| {worst:.2e}, {seconds:.0f} s for both processes")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "localhost:1234"], "got only some of them, expected all three"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT of process 0"),
+    (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+     "`--process-id`: got 2, expected 0 <= id < --num-processes=2"),
+])
+def test_bad_distributed_flags_are_named(flags, message, capsys):
+    from jaxrl_llm.cli import main
+
+    assert main(["train", "--config", "configs/rloo_arithmetic.yaml", *flags]) == 2
+    assert message in capsys.readouterr().err
