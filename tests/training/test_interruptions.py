@@ -53,7 +53,7 @@ def wait_for_steps(run_dir, n, proc, timeout=300):
     raise AssertionError("the run did not reach the step in time")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT])
 def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, signum):
     proc = start(tmp_path / "stopped", "train.steps=100000")
     wait_for_steps(tmp_path / "stopped", 2, proc)

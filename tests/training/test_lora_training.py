@@ -137,18 +137,31 @@ def test_the_adapter_gradient_is_the_merged_models_gradient_pulled_through_the_o
     assert checked == 2 * 7
 
 
-def test_dropout_changes_the_update_and_is_reproducible(toy_config, tmp_path):
-    def adapters_after_one_step(dropout, name):
-        trainer = Trainer(toy_config(f"model.lora={{rank: 4, alpha: 8.0, dropout: {dropout}}}",
-                                     f"train.run_dir={tmp_path / name}"))
-        trainer.step()
-        return jax.tree.leaves(numpy_tree(trainer.state.params["policy"]))
+def test_dropout_changes_the_update_and_is_reproducible(toy_config):
+    """The update with the trainer's dropout key differs from the one without (dropout acts in
+    the training forward) and is the same for the same key; micro-batches draw their own masks."""
+    import functools
 
-    plain, dropped, again = (adapters_after_one_step(0.0, "a"), adapters_after_one_step(0.3, "b"),
-                             adapters_after_one_step(0.3, "c"))
+    from jaxrl_llm.training.trainer import update_step
+
+    trainer = Trainer(toy_config("model.lora={rank: 4, alpha: 8.0, dropout: 0.3}", "train.micro_batch_size=16"))
+    trainer.step()  # B off zero, so that dropout on the adapters' input matters
+    _, shuffle_key = step_keys(trainer.state, 1)
+    key = trainer._dropout_key(shuffle_key, 0)
+    assert key is not None
+    batch, *_ = trainer.collect()
+    state, train_batch, _ = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    update = jax.jit(functools.partial(update_step, trainer.algorithm, trainer.optimizer))
+
+    def adapters(dropout_key):
+        new_state, _ = update(state, train_batch, dropout_key)
+        return jax.tree.leaves(numpy_tree(new_state.params["policy"]))
+
+    plain, dropped, again = adapters(None), adapters(key), adapters(key)
     assert max(float(np.abs(x - y).max()) for x, y in zip(plain, dropped)) > 1e-6
     for x, y in zip(dropped, again):
         np.testing.assert_array_equal(x, y)
+    assert Trainer(toy_config(LORA))._dropout_key(shuffle_key, 0) is None  # no dropout: no key, no masks
 
 
 def test_checkpoints_hold_adapters_only_and_resume_exactly(toy_config, tiny_policy_dir, tmp_path):
@@ -215,10 +228,11 @@ def _write(config, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["algo.name=ppo", "algo.critic=separate", "mesh.fsdp=2"],
-    ["algo.name=raft", "model.dtype=bfloat16"],
-    ["algo.name=grpo", "algo.update_epochs=2", "train.micro_batch_size=8", "mesh.data=2"],
-], ids=["ppo-separate-critic-fsdp", "raft-bf16", "grpo-2-epochs-micro-batches"])
+    ["algo.name=ppo", "algo.critic=separate", "mesh.fsdp=2", "model.dtype=bfloat16"],
+    pytest.param(["algo.name=raft", "model.dtype=bfloat16"], marks=pytest.mark.slow),
+    pytest.param(["algo.name=grpo", "algo.update_epochs=2", "train.micro_batch_size=8", "mesh.data=2"],
+                 marks=pytest.mark.slow),
+], ids=["ppo-separate-critic-fsdp-bf16", "raft-bf16", "grpo-2-epochs-micro-batches"])
 def test_every_algorithm_trains_adapters_on_a_frozen_base(toy_config, overrides):
     if jax.device_count() < 2:
         pytest.skip("needs 2 devices")
