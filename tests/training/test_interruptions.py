@@ -88,7 +88,8 @@ def test_a_second_signal_abandons_the_step_and_writes_nothing(tmp_path):
                                       "    return [0.0] * len(completions)\n")
     proc = start(tmp_path / "run", "train.steps=100000", "train.checkpoint_every=2",
                  f"reward.terms=[{{kind: python, target: '{tmp_path / 'slow.py'}:reward'}}]")
-    wait_for_steps(tmp_path / "run", 3, proc)  # step 2's checkpoint is written; step 4 is sampling
+    wait_for_steps(tmp_path / "run", 3, proc)  # step 2's checkpoint is written
+    time.sleep(0.2)  # past step 3's end (a signal there would save step 3): inside step 4's 0.5 s reward
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
