@@ -27,6 +27,7 @@ from jaxrl_llm.objectives import (  # noqa: E402
     Stat,
     aggregate_loss,
     best_of_group,
+    bradley_terry_loss,
     clipped_surrogate,
     ema_baseline_init,
     ema_baseline_update,

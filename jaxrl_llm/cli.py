@@ -5,6 +5,7 @@
     jaxrl-llm eval --config configs/rloo_arithmetic.yaml [--checkpoint]
     jaxrl-llm export --config configs/rloo_arithmetic.yaml --output exported/ [--step N] [--merge]
     jaxrl-llm plan --config configs/rloo_arithmetic.yaml --devices 8 [--device-memory-gb 80]
+    jaxrl-llm train-rm --config configs/rm_arithmetic.yaml [section.key=value ...]
 
 Errors a user can fix (`jaxrl_llm.UserError`: a config value, a missing file or checkpoint, a
 reward function's output, the devices) print as one line naming the cause and the fix, with
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         ("eval", "held-out metrics and sample completions of the configured policy (or of the run's latest checkpoint)"),
         ("export", "write a run's policy as a Hugging Face directory"),
         ("plan", "per-device memory of the run's compiled programs on N devices, nothing allocated"),
+        ("train-rm", "train a Bradley-Terry reward model on preference pairs (a train-rm config: model, data, train)"),
     ]:
         p = sub.add_parser(name, help=help_text, parents=[common])
         if name == "train":
@@ -109,6 +111,12 @@ def _run(args) -> int:
     from jaxrl_llm.training import Trainer, export, load_config, train
     from jaxrl_llm.training.logging import markdown_table, to_json
 
+    if args.command == "train-rm":
+        from jaxrl_llm.training.reward_model import load_rm_config, train_reward_model
+
+        summary = train_reward_model(load_rm_config(args.config, args.overrides))
+        print(to_json(summary, indent=2))
+        return 0
     config = load_config(args.config, args.overrides)
     if args.command == "train":
         summary = train(config, resume=args.resume)

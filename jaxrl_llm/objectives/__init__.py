@@ -26,6 +26,7 @@ from jaxrl_llm.objectives.aggregation import (
 )
 from jaxrl_llm.objectives.kl import KL_KINDS, kl_penalty
 from jaxrl_llm.objectives.logprobs import kept_tokens, linear_token_logprobs, token_entropy, token_logprobs
+from jaxrl_llm.objectives.preference import bradley_terry_loss
 from jaxrl_llm.objectives.losses import (
     best_of_group,
     clipped_surrogate,
@@ -45,6 +46,7 @@ __all__ = [
     "Stat",
     "aggregate_loss",
     "best_of_group",
+    "bradley_terry_loss",
     "clipped_surrogate",
     "ema_baseline_init",
     "ema_baseline_update",

@@ -1,0 +1,108 @@
+"""`jaxrl-llm train-rm`: the Bradley–Terry objective against its formula, a reward model that
+learns a preference from pairs, and the directory transformers and the RL trainer load."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxrl_llm.errors import UserError
+from jaxrl_llm.objectives import bradley_terry_loss
+from jaxrl_llm.rewards import Sample, reward_model_term
+from jaxrl_llm.tasks import ArithmeticTask
+from jaxrl_llm.training.reward_model import load_rm_config, train_reward_model
+
+
+def test_bradley_terry_loss_and_gradient_match_torch():
+    rng = np.random.default_rng(0)
+    chosen, rejected, margin = (rng.normal(size=6).astype(np.float32) for _ in range(3))
+    weights = np.array([1, 1, 0, 1, 1, 1], np.float32)
+
+    def ours(c, r):
+        return bradley_terry_loss(c, r, margin=margin, center_coef=0.3, weights=weights)[0]
+
+    c_t, r_t = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (chosen, rejected))
+    keep = torch.tensor(weights, dtype=torch.float64) > 0
+    # TRL's RewardTrainer: -logsigmoid(r_c - r_r - margin).mean() + coef * mean((r_c + r_r)^2), on the kept pairs.
+    theirs = (-torch.nn.functional.logsigmoid(c_t - r_t - torch.tensor(margin, dtype=torch.float64))[keep].mean()
+              + 0.3 * ((c_t + r_t) ** 2)[keep].mean())
+    theirs.backward()
+    np.testing.assert_allclose(float(ours(chosen, rejected)), theirs.item(), rtol=1e-6)
+    grads = jax.grad(ours, argnums=(0, 1))(jnp.asarray(chosen), jnp.asarray(rejected))
+    np.testing.assert_allclose(np.asarray(grads[0]), c_t.grad.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grads[1]), r_t.grad.numpy(), rtol=1e-5, atol=1e-7)
+    _, aux = bradley_terry_loss(chosen, rejected, weights=weights)
+    assert float(aux["accuracy"].count) == 5
+    assert float(aux["accuracy"].total) == float(((chosen > rejected) * weights).sum())
+    with pytest.raises(ValueError, match="`rejected_rewards` must have shape"):
+        bradley_terry_loss(chosen, rejected[:3])
+
+
+def write_sevens_pairs(path, n, seed=0):
+    """A preference a small model can learn from pairs: more sevens in the answer is better."""
+    task, rng = ArithmeticTask(), np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            digits = rng.choice(list("0123456789"), size=(2, 3))
+            sevens = (digits == "7").sum(1)
+            if sevens[0] == sevens[1]:
+                digits[0, rng.integers(3)] = "7" if sevens[0] < 3 else "1"
+                sevens = (digits == "7").sum(1)
+            better = int(np.argmax(sevens))
+            texts = ["".join(d) for d in digits]
+            f.write(json.dumps({"prompt": task.train_example(i).prompt, "chosen": texts[better],
+                                "rejected": texts[1 - better]}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rm")
+    write_sevens_pairs(directory / "pairs.jsonl", 1200)
+    (directory / "rm.yaml").write_text(
+        "model: {path: 'builtin:tiny_arithmetic'}\n"
+        "data: {path: pairs.jsonl, eval_fraction: 0.2}\n"
+        f"train: {{epochs: 2, batch_size: 32, learning_rate: 1.0e-3, eval_every: 1000, output_dir: {directory / 'out'}}}\n")
+    config = load_rm_config(directory / "rm.yaml")
+    assert config.data.path == str(directory / "pairs.jsonl")  # relative to the config file
+    return train_reward_model(config), directory
+
+
+def test_the_reward_model_learns_the_preference_from_pairs(trained):
+    summary, directory = trained
+    assert summary["eval_pairs"] == 240 and summary["train_pairs"] == 960
+    assert 0.35 <= summary["eval/accuracy_before"] <= 0.65  # a new head: chance
+    assert summary["eval/accuracy"] >= 0.85, summary  # 35 points above chance after 60 updates
+    rows = [json.loads(line) for line in (directory / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == summary["steps"] == 60
+
+
+def test_transformers_and_the_trainer_load_it_with_our_scores(trained):
+    summary, _ = trained
+    model_dir = summary["model_dir"]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    texts = ["12+30=777", "12+30=42", "5+5=10", "99+1=7"]
+    score = reward_model_term(model_dir, batch_size=4)  # what `reward.terms[].kind: reward_model` runs
+    task = ArithmeticTask()
+    ours = np.asarray(score([Sample(task.train_example(0)._replace(prompt=t.split("=")[0] + "="), t.split("=")[1],
+                                     True, ()) for t in texts]))
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        theirs = [hf(input_ids=torch.tensor([tokenizer(t)["input_ids"] + [eos]])).logits[0, 0].item() for t in texts]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert ours[0] > ours[1]  # three sevens beat none
+
+
+def test_bad_reward_model_configs_are_named(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "1+1=", "good": "2", "rejected": "3"}) + "\n")
+    config = load_rm_config(None, [f"data.path={tmp_path / 'pairs.jsonl'}", f"train.output_dir={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match=r"`data.chosen_field`: .* has no column 'chosen'; its columns are"):
+        train_reward_model(config)
+    with pytest.raises(UserError, match=r"`train.learning_rate`: got -1.0, expected > 0"):
+        load_rm_config(None, ["data.path=x.jsonl", "train.learning_rate=-1.0"])
+    with pytest.raises(UserError, match=r"`data.path`: got '', expected the path of a preference-pair file"):
+        load_rm_config(None, [])
