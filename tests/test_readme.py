@@ -153,6 +153,7 @@ def test_readme_python_block_runs_alone(index, tmp_path):
 def test_readme_cli_command_parses_and_its_config_loads(block, argv):
     from jaxrl_llm.cli import _parser
     from jaxrl_llm.training import load_config
+    from jaxrl_llm.training.reward_model import load_rm_config
 
     try:
         args = _parser().parse_args(argv[1:])
@@ -162,7 +163,8 @@ def test_readme_cli_command_parses_and_its_config_loads(block, argv):
     if config_path is None:
         return
     try:
-        config = load_config(ROOT / config_path, list(getattr(args, "overrides", None) or []))
+        loader = load_rm_config if argv[1] == "train-rm" else load_config  # a reward model's config has its own sections
+        config = loader(ROOT / config_path, list(getattr(args, "overrides", None) or []))
     except Exception as e:  # the library's config errors, whatever their class
         pytest.fail(f"README line {block.line}: `{shlex.join(argv)}`: {type(e).__name__}: {e}")
     model_path = config.model.path

@@ -106,3 +106,17 @@ def test_bad_reward_model_configs_are_named(tmp_path):
         load_rm_config(None, ["data.path=x.jsonl", "train.learning_rate=-1.0"])
     with pytest.raises(UserError, match=r"`data.path`: got '', expected the path of a preference-pair file"):
         load_rm_config(None, [])
+
+
+def test_the_cli_trains_and_prints_the_summary(tmp_path, capsys):
+    from jaxrl_llm.cli import main
+
+    write_sevens_pairs(tmp_path / "pairs.jsonl", 40)
+    assert main(["train-rm", "--config", "configs/rm_arithmetic.yaml", f"data.path={tmp_path / 'pairs.jsonl'}",
+                 "train.epochs=1", "train.batch_size=16", f"train.output_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 3 and summary["train_pairs"] == 36 and summary["eval_pairs"] == 4
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
