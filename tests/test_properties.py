@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 
 import jaxrl_llm
 
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=15, deadline=None)
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 
 

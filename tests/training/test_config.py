@@ -8,7 +8,9 @@ from jaxrl_llm.cli import main
 from jaxrl_llm.training import ALGORITHMS, load_config
 from jaxrl_llm.training.config import Config
 
-CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+# Training configs; rm_*.yaml are `jaxrl-llm train-rm` configs (their own sections).
+CONFIGS = sorted(p for p in Path(__file__).parents[2].joinpath("configs").glob("*.yaml") if not p.name.startswith("rm_"))
+RM_CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("rm_*.yaml"))
 
 
 def test_there_is_a_config_per_algorithm():
@@ -19,6 +21,13 @@ def test_there_is_a_config_per_algorithm():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", RM_CONFIGS, ids=lambda p: p.name)
+def test_shipped_reward_model_configs_load_and_find_their_data(path):
+    from jaxrl_llm.training.reward_model import load_rm_config
+
+    assert Path(load_rm_config(path).data.path).is_file()
 
 
 def test_overrides_are_typed():

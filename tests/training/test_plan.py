@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LLAMA_1B = ROOT / "benchmarks" / "model_configs" / "llama-3.2-1b"
 
 
+@pytest.mark.slow  # a fresh process compiling a 1B model's programs; the tiny-model plan tests run by default
 def test_plan_of_the_published_1b_config_on_8_fake_devices():
     """The CLI end to end, in a fresh process (fake devices must be set before JAX starts): a
     directory holding only config.json is enough, and nothing of the model's size is allocated."""

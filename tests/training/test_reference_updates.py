@@ -232,7 +232,7 @@ def test_ppo_update_equals_the_reference(toy_config, critic):
     assert_grads_equal(grads, ref_grads)
 
 
-@pytest.mark.parametrize("ratio_level", ["sequence", "token"])
+@pytest.mark.parametrize("ratio_level", ["sequence", pytest.param("token", marks=pytest.mark.slow)])
 def test_second_rloo_update_clips_at_the_configured_ratio_level(toy_config, ratio_level):
     """Several updates per batch: advantages fixed from the sampling policy, then TRL's clipped
     ratio, one per completion (sequence) or one per token."""
