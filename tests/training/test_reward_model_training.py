@@ -120,3 +120,35 @@ def test_the_cli_trains_and_prints_the_summary(tmp_path, capsys):
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+
+
+def test_margin_field_and_centring_reach_the_gradient(tmp_path):
+    """`data.margin_field` and `train.center_rewards_coefficient` change the update as the
+    formula says: the train-rm loss on a batch is bradley_terry_loss of the model's scores with
+    them, and its gradient moves with each."""
+    from flax import nnx
+
+    from jaxrl_llm.training.reward_model import load_backbone, pair_loss, split_pairs
+
+    rows = [{"prompt": f"{i}+1=", "chosen": "77", "rejected": "12", "m": float(i % 3)} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_rm_config(None, [f"data.path={tmp_path / 'pairs.jsonl'}", "data.margin_field=m",
+                                   "train.center_rewards_coefficient=0.5"])
+    model, tokenizer = load_backbone(config)
+    train, _ = split_pairs(config, tokenizer)
+    ids, mask, margin, real = train.batch(np.arange(6), 8)  # 6 pairs and 2 fillers
+    assert margin[:6].tolist() == [float(train.margin[i]) for i in range(6)] and real.tolist() == [1] * 6 + [0] * 2
+    graphdef, params = nnx.split(model)
+    scores = np.asarray(model(ids, mask))
+    expected, _ = bradley_terry_loss(scores[:6], scores[8:14], margin=margin[:6], center_coef=0.5)
+    loss, aux = pair_loss(graphdef, params, ids, mask, margin, real, center_coef=0.5)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    assert float(aux["accuracy"].count) == 6
+
+    def grad_norm(margin, center_coef):
+        grads = jax.grad(lambda p: pair_loss(graphdef, p, ids, mask, margin, real, center_coef=center_coef)[0])(params)
+        return float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads))))
+
+    base = grad_norm(np.zeros_like(margin), 0.0)
+    assert abs(grad_norm(margin, 0.0) - base) > 1e-4 * base
+    assert abs(grad_norm(np.zeros_like(margin), 0.5) - base) > 1e-4 * base
