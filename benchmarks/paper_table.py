@@ -60,11 +60,6 @@ PAPER = {  # Ahmadian et al. 2024, Table 1: win-rate vs the SFT policy (%)
 NOISE_TERM = ROOT / "benchmarks" / "reward_noise.py"
 
 
-def samples_of(overrides: list[str]) -> int:
-    k = int(next(o for o in overrides if o.startswith("algo.num_samples=")).split("=")[1])
-    return BUDGET // k
-
-
 class Judge:
     """Greedy completions of the held-out prompts, scored by the gold judge and the reward model."""
 

@@ -205,9 +205,8 @@ class Pairs:
     def batch(self, indices, num_rows: int):
         """`(ids [2R, L], mask [2R, L], margin [R], real [R])`: chosen rows then rejected rows, R =
         `num_rows` (indices beyond the data are filler rows with `real` 0)."""
-        rows = [self.chosen[i] for i in indices] + [self.rejected[i] for i in indices]
-        filler = num_rows - len(indices)
-        rows = rows[: len(indices)] + [[self.pad]] * filler + rows[len(indices):] + [[self.pad]] * filler
+        filler = [[self.pad]] * (num_rows - len(indices))
+        rows = [self.chosen[i] for i in indices] + filler + [self.rejected[i] for i in indices] + filler
         ids, mask = left_pad(rows, bucket_width(max(map(len, rows))), self.pad)
         mask[:, -1] = 1  # a filler row holds one token: no row is all padding
         margin = np.zeros(num_rows, np.float32)

@@ -390,7 +390,7 @@ class Trainer:
         base = self.state.base_params
         state, meta = self.checkpointer.restore(self.state.replace(base_params=None), step, asked_by=asked_by)
         if base is not None:
-            stored, ours = meta.get("base"), model_fingerprint(self.config)
+            stored, ours = meta.get("base"), self.base_fingerprint
             if stored is not None and stored["sha256"] != ours["sha256"]:
                 raise UserError(f"`model.path`: the checkpoint of step {int(state.step)} holds LoRA adapters trained on "
                                 f"the base {stored['path']!r} (sha256 {stored['sha256'][:12]}...), but this run's base "
@@ -400,12 +400,17 @@ class Trainer:
         self.data_position = int(meta["data_position"])
         return int(self.state.step)
 
-    def policy_model(self, dtype=None) -> nnx.Module:
-        """The current policy as a model (with its adapters, under LoRA), parameters cast to `dtype`."""
-        states = (self.state.params["policy"],)
-        if self.state.base_params is not None:
-            states += (self.state.base_params,)
-        return nnx.merge(self.graphdef, *models.cast_floating(states, dtype))
+    @functools.cached_property
+    def base_fingerprint(self) -> dict:
+        """A LoRA run's base, as its checkpoints name it (its files hashed once per process)."""
+        return model_fingerprint(self.config)
+
+    def policy_model(self, cast=None) -> nnx.Module:
+        """The current policy as a model (with its frozen base, under LoRA); `cast` maps the trained
+        parameters (the sampler's compute-dtype view), the base is already in the compute dtype."""
+        params = self.state.params["policy"] if cast is None else cast(self.state.params["policy"])
+        base = () if self.state.base_params is None else (self.state.base_params,)
+        return nnx.merge(self.graphdef, params, *base)
 
     def _place(self, state: TrainState):
         """Parameters and optimizer state: replicated, or sharded over `fsdp`."""
@@ -469,8 +474,7 @@ class Trainer:
         # A few fixed widths (powers of two from 16, capped at the prompt limit): steps compile a few times.
         width = bucket_width(max(map(len, rows)), limit=self.prompt_limit)
         ids, mask = left_pad(rows, width, self.tokenizer.pad_token_id)
-        policy = nnx.merge(self.graphdef, self._sampling_params(self.state.params["policy"]),
-                           *(() if self.state.base_params is None else (self.state.base_params,)))
+        policy = self.policy_model(self._sampling_params)
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
         for i, start in enumerate(range(0, len(rows), prompts_per_call)):
@@ -686,8 +690,7 @@ class Trainer:
         meta = {"data_position": self.data_position, "step": int(self.state.step), "config": self.config.to_dict()}
         state = self.state
         if state.base_params is not None:  # LoRA: adapters and their optimizer state; the base by name
-            self._base_fingerprint = getattr(self, "_base_fingerprint", None) or model_fingerprint(self.config)
-            meta["base"] = self._base_fingerprint
+            meta["base"] = self.base_fingerprint
             state = state.replace(base_params=None)
         self.checkpointer.save(int(self.state.step), state, meta)
 
