@@ -1,12 +1,31 @@
-"""Token log-probabilities and entropy from logits, optionally in memory-bounded chunks.
+"""Token log-probabilities and entropy from logits or hidden states, in one fused, chunked kernel.
 
-With a 262k vocabulary a float32 log-softmax of `[N, T, V]` is the largest array
-of an RL step (N=64, T=512: 34 GB). `chunk_size` processes `chunk_size` rows of
-the flattened `[N*T, V]` logits at a time under `jax.checkpoint`, so neither the
-forward nor the backward pass ever holds more than `[chunk_size, V]` in float32.
+The log-softmax over the vocabulary is the largest computation of an RL step on a real
+vocabulary (Gemma's has 262,144 entries; N=64 completions of T=512 tokens make a float32
+`[N, T, V]` of 34 GB). Without a top-k / top-p filter both entry points run a kernel with a
+custom VJP (`jax.custom_vjp`):
+
+* forward: per row, the log-sum-exp and the entropy (one pass over the logits), and z[y];
+  only those two floats per row are kept for the backward pass, never a `[N, T, V]` softmax;
+* backward: the softmax is recomputed from the saved log-sum-exp, and the cotangent of the
+  logits written once: dz = g_logp * (onehot(y) - p) - g_H * p * (log p + H).
+
+Its floor is memory traffic: read the logits once for the statistics, once more for the
+gradient, write the gradient once. `chunk_size` runs it `chunk_size` rows at a time (a
+`lax.map`), so the temporaries are `[chunk_size, V]`. `linear_token_logprobs` goes further, as
+Liger's fused linear cross-entropy does (Hsu et al. 2024, https://arxiv.org/abs/2410.10989): the
+unembedding matmul runs inside the chunk, and `vocab_chunk_size` splits the vocabulary too, with
+an online log-sum-exp (Milakov & Gimelshein 2018, https://arxiv.org/abs/1805.02867), so no
+logits exist beyond `[chunk_size, vocab_chunk_size]` in the forward or the backward pass.
+
+With top-k / top-p the kept set is recomputed per row from the full logits (a sort), so the
+filtered path differentiates the plain formula under `jax.checkpoint`, chunked over rows.
+The kernel does not differentiate with respect to `temperature` (a sampling constant).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +153,210 @@ def _flat(x):
     return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused kernel (no filter). z = logits / temperature (or softcap(h @ W) / temperature),
+# log p = z - lse, p = exp(log p), H = -sum p log p:
+#   d log p(y) / dz = onehot(y) - p,      dH / dz = -p * (log p + H).
+
+
+def _scan_row_blocks(fn, carry, inputs, block):
+    """`fn(carry, *block_inputs) -> (carry, outputs)` over the rows of `inputs` (arrays with a
+    leading [R]), `block` rows at a time (None: all at once): a `lax.scan` over the whole blocks,
+    so that XLA holds one block's temporaries at a time, then the remaining rows."""
+    rows = inputs[0].shape[0]
+    block = rows if block is None else min(block, rows)
+    num_blocks, tail = divmod(rows, block)
+    if num_blocks == 1 and not tail:
+        return fn(carry, *inputs)
+    full = num_blocks * block
+    stacked = tuple(x[:full].reshape(num_blocks, block, *x.shape[1:]) for x in inputs)
+    carry, out = lax.scan(lambda c, args: fn(c, *args), carry, stacked)
+    # [num_blocks, block, ...] -> [full, ...] is a reshape of contiguous memory: no copy.
+    out = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), out)
+    if tail:
+        carry, rest = fn(carry, *(x[full:] for x in inputs))
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+    return carry, out
+
+
+def _row_stats(z, tokens, with_entropy):
+    """`(z[y] - max, max, log sum e^(z - max), sum p (z - max) or None)` per row of z [R, Vb].
+    Shifted by the row's max, as log_softmax does: nothing large cancels."""
+    peak = jnp.max(z, axis=-1)
+    shifted = z - peak[:, None]
+    log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    target = jnp.take_along_axis(shifted, jnp.clip(tokens, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    mean_shifted = None
+    if with_entropy:
+        # A second reduction that recomputes exp: sharing it with the first would make XLA:CPU
+        # write the [R, Vb] exponentials out and read them back twice.
+        shifted2 = lax.optimization_barrier(shifted)
+        mean_shifted = jnp.sum(jnp.exp(shifted2) * shifted2, axis=-1) / jnp.exp(log_total)
+    return target, peak, log_total, mean_shifted
+
+
+def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None):
+    """The cotangent of z [R, Vb], a block of the logits; `token_index` [R]: each row's token's
+    column in the block, or any index outside [0, Vb) when the block does not hold it."""
+    log_p = z - lse[:, None]
+    p = jnp.exp(log_p)
+    dz = -p * g_logp[:, None]
+    if g_entropy is not None:
+        dz = dz - (g_entropy[:, None] * p) * (log_p + entropy[:, None])
+    # + g_logp at each row's token, if this block holds it (a scatter: no [R, Vb] one-hot).
+    outside = (token_index < 0) | (token_index >= z.shape[-1])
+    return dz.at[jnp.arange(z.shape[0]), jnp.where(outside, z.shape[-1], token_index)].add(g_logp, mode="drop")
+
+
+# --- from logits ----------------------------------------------------------------------------
+
+def _logits_stats(logits, tokens, temperature, block, with_entropy):
+    def stats(carry, x, y):
+        target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy)
+        entropy = None if mean_shifted is None else log_total - mean_shifted
+        return carry, (target - log_total, peak + log_total, entropy)
+
+    return _scan_row_blocks(stats, None, (logits, tokens), block)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_logits(logits, tokens, temperature, block, with_entropy):
+    logp, _, entropy = _logits_stats(logits, tokens, temperature, block, with_entropy)
+    return logp, entropy
+
+
+def _fused_logits_fwd(logits, tokens, temperature, block, with_entropy):
+    logp, lse, entropy = _logits_stats(logits, tokens, temperature, block, with_entropy)
+    # Kept for the backward pass: the inputs (which the caller holds anyway) and <= 2 floats a row.
+    return (logp, entropy), (logits, tokens, temperature, lse, entropy)
+
+
+def _fused_logits_bwd(block, with_entropy, saved, cotangents):
+    logits, tokens, temperature, lse, entropy = saved
+    g_logp, g_entropy = cotangents
+
+    def grad(carry, x, y, lse, g_logp, *entropy_terms):
+        z = _checks.as_float(x) / temperature
+        dz = _logit_cotangent(z, y, lse, g_logp, *entropy_terms)
+        return carry, (dz / temperature).astype(x.dtype)
+
+    extra = (entropy, g_entropy) if with_entropy else ()
+    _, dlogits = _scan_row_blocks(grad, None, (logits, tokens, lse, g_logp, *extra), block)
+    return dlogits, None, None
+
+
+_fused_logits.defvjp(_fused_logits_fwd, _fused_logits_bwd)
+
+
+# --- from hidden states: the unembedding inside the kernel -----------------------------------
+
+def _vocab_blocks(vocab: int, block: int | None):
+    """`(block, count)`: `count` blocks of `block` columns cover [0, vocab). Block i starts at
+    min(i * block, vocab - block): the last one may overlap its predecessor, and its columns
+    below i * block are masked, so every slice has one static shape."""
+    block = vocab if block is None else min(block, vocab)
+    return block, -(-vocab // block)
+
+
+def _block_logits(h, unembedding, start, width, softcap, temperature):
+    """`(z, tanh or None)`: z = softcap(h @ W[:, start:start + width]) / temperature in float32."""
+    w = lax.dynamic_slice_in_dim(unembedding, start, width, axis=1)
+    raw = jnp.einsum("rd,dv->rv", h.astype(unembedding.dtype), w, preferred_element_type=jnp.float32)
+    if softcap is None:
+        return raw / temperature, None
+    capped = jnp.tanh(raw / softcap)
+    return softcap * capped / temperature, capped
+
+
+def _block_start(i, block, vocab):
+    return jnp.minimum(i * block, vocab - block)
+
+
+def _column_mask(i, start, block):
+    """Columns of block i already covered by block i - 1 (the overlapping last block)."""
+    return (start + jnp.arange(block)) >= i * block
+
+
+def _linear_stats(hidden, unembedding, tokens, temperature, softcap, block, vocab_block):
+    """Per row: (log p(y), lse, H), with an online log-sum-exp over the vocabulary blocks."""
+    vocab = unembedding.shape[1]
+    width, count = _vocab_blocks(vocab, vocab_block)
+
+    def block_stats(h, y, i):
+        start = _block_start(i, width, vocab)
+        z, _ = _block_logits(h, unembedding, start, width, softcap, temperature)
+        if count > 1:
+            # A large finite value, not -inf: e^(-1e30 - max) is 0, and 0 * -1e30 is not a NaN.
+            z = jnp.where(_column_mask(i, start, width), z, -1e30)
+        holds = (y >= i * width) & (y < start + width)
+        target, peak, log_total, mean_shifted = _row_stats(z, y - start, True)
+        return jnp.where(holds, target + peak, 0.0), peak, jnp.exp(log_total), mean_shifted
+
+    def rows(carry, h, y):
+        z_y, peak, total, mean_shifted = block_stats(h, y, 0)
+
+        def merge(i, acc):
+            # Two partial sums over disjoint columns, each relative to its own max, rescaled to
+            # the larger max: total = sum e^(z - m), mean_shifted = sum p (z - m).
+            z_y, peak, total, mean_shifted = acc
+            b_z_y, b_peak, b_total, b_mean = block_stats(h, y, i)
+            new_peak = jnp.maximum(peak, b_peak)
+            a, b = total * jnp.exp(peak - new_peak), b_total * jnp.exp(b_peak - new_peak)
+            mean = (a * (mean_shifted + peak - new_peak) + b * (b_mean + b_peak - new_peak)) / (a + b)
+            return z_y + b_z_y, new_peak, a + b, mean
+
+        if count > 1:
+            z_y, peak, total, mean_shifted = lax.fori_loop(1, count, merge, (z_y, peak, total, mean_shifted))
+        log_total = jnp.log(total)
+        return carry, (z_y - peak - log_total, peak + log_total, log_total - mean_shifted)
+
+    return _scan_row_blocks(rows, None, (hidden, tokens), block)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_linear(hidden, unembedding, tokens, temperature, softcap, block, vocab_block):
+    logp, _, entropy = _linear_stats(hidden, unembedding, tokens, temperature, softcap, block, vocab_block)
+    return logp, entropy
+
+
+def _fused_linear_fwd(hidden, unembedding, tokens, temperature, softcap, block, vocab_block):
+    logp, lse, entropy = _linear_stats(hidden, unembedding, tokens, temperature, softcap, block, vocab_block)
+    return (logp, entropy), (hidden, unembedding, tokens, temperature, lse, entropy)
+
+
+def _fused_linear_bwd(softcap, block, vocab_block, saved, cotangents):
+    hidden, unembedding, tokens, temperature, lse, entropy = saved
+    g_logp, g_entropy = cotangents
+    vocab = unembedding.shape[1]
+    width, count = _vocab_blocks(vocab, vocab_block)
+
+    def rows(d_unembedding, h, y, lse, entropy, g_logp, g_entropy):
+        def vocab_step(i, acc):
+            d_h, d_unembedding = acc
+            start = _block_start(i, width, vocab)
+            z, capped = _block_logits(h, unembedding, start, width, softcap, temperature)
+            dz = _logit_cotangent(z, jnp.where(y >= i * width, y - start, -1), lse, g_logp, entropy, g_entropy)
+            if count > 1:
+                dz = jnp.where(_column_mask(i, start, width), dz, 0.0)
+            d_raw = dz / temperature if softcap is None else dz * ((1.0 - capped * capped) / temperature)
+            w = lax.dynamic_slice_in_dim(unembedding, start, width, axis=1)
+            d_h = d_h + jnp.einsum("rv,dv->rd", d_raw.astype(w.dtype), w, preferred_element_type=jnp.float32)
+            d_w = jnp.einsum("rd,rv->dv", h.astype(w.dtype), d_raw.astype(w.dtype), preferred_element_type=jnp.float32)
+            previous = lax.dynamic_slice_in_dim(d_unembedding, start, width, axis=1)
+            return d_h, lax.dynamic_update_slice_in_dim(d_unembedding, previous + d_w, start, axis=1)
+
+        acc = (jnp.zeros(h.shape, jnp.float32), d_unembedding)
+        d_h, d_unembedding = vocab_step(0, acc) if count == 1 else lax.fori_loop(0, count, vocab_step, acc)
+        return d_unembedding, d_h.astype(h.dtype)
+
+    d_unembedding = jnp.zeros(unembedding.shape, jnp.float32)
+    d_unembedding, d_hidden = _scan_row_blocks(rows, d_unembedding, (hidden, tokens, lse, entropy, g_logp, g_entropy), block)
+    return d_hidden, d_unembedding.astype(unembedding.dtype), None, None
+
+
+_fused_linear.defvjp(_fused_linear_fwd, _fused_linear_bwd)
+
+
 def token_logprobs(logits, tokens, *, temperature: float = 1.0, chunk_size: int | None = None,
                    top_k: int = 0, top_p: float = 1.0):
     """Log-probability of each token under softmax(filter(logits / temperature)).
@@ -157,8 +380,11 @@ def token_logprobs(logits, tokens, *, temperature: float = 1.0, chunk_size: int 
     _check_logits(logits, temperature, chunk_size)
     _check_tokens(tokens, jnp.shape(logits)[:2], like="logits[..., 0]")
     _check_filter(top_k, top_p)
-    rows = _rows_from_logits(top_k, top_p, temperature, with_entropy=False)
-    logprobs, _ = _map_chunks(rows, (_flat(logits), _flat(tokens)), chunk_size)
+    if _is_filtered(top_k, top_p):
+        rows = _rows_from_logits(top_k, top_p, temperature, with_entropy=False)
+        logprobs, _ = _map_chunks(rows, (_flat(logits), _flat(tokens)), chunk_size)
+    else:
+        logprobs, _ = _fused_logits(_flat(logits), _flat(tokens), temperature, chunk_size, False)
     return jnp.reshape(logprobs, jnp.shape(tokens))
 
 
@@ -183,20 +409,29 @@ def token_entropy(logits, *, temperature: float = 1.0, chunk_size: int | None = 
     # The most likely token is always in the kept set, so using it as the "sampled" token
     # leaves the set exactly as top-k / top-p define it.
     top_token = jnp.argmax(lax.stop_gradient(logits), axis=-1)
-    _, entropy = _map_chunks(_rows_from_logits(top_k, top_p, temperature), (_flat(logits), _flat(top_token)), chunk_size)
+    if _is_filtered(top_k, top_p):
+        rows = _rows_from_logits(top_k, top_p, temperature)
+        _, entropy = _map_chunks(rows, (_flat(logits), _flat(top_token)), chunk_size)
+    else:
+        _, entropy = _fused_logits(_flat(logits), _flat(top_token), temperature, chunk_size, True)
     return jnp.reshape(entropy, jnp.shape(logits)[:2])
 
 
 def linear_token_logprobs(hidden, unembedding, tokens, *, temperature: float = 1.0, chunk_size: int | None = None,
-                          softcap: float | None = None, top_k: int = 0, top_p: float = 1.0):
+                          vocab_chunk_size: int | None = None, softcap: float | None = None, top_k: int = 0,
+                          top_p: float = 1.0):
     """Log-probabilities and entropies straight from hidden states, never holding `[N, T, V]`.
 
     z = softcap(h @ W) / temperature (softcap(x) = c * tanh(x / c) when given), then
     log pi(y_t) = z[y_t] - logsumexp(z) and H_t = -sum_v p_v log p_v over the kept set (all
     tokens, or the top-k / top-p set as in `token_logprobs`), in float32, both with their
     gradients (an entropy bonus in the loss reaches the parameters). With `chunk_size`, the
-    logits exist only `chunk_size` rows at a time, in the forward and the backward pass: this
-    is what lets a 262k-vocabulary model train on long completions.
+    logits exist only `chunk_size` rows at a time, in the forward and the backward pass, and with
+    `vocab_chunk_size` only `[chunk_size, vocab_chunk_size]` of them (an online log-sum-exp over
+    the vocabulary blocks): this is what lets a 262k-vocabulary model train on long completions.
+    Without a filter this is the fused kernel of this module (the module docstring): the backward
+    pass recomputes each block's logits from `hidden` and `unembedding` rather than storing them,
+    one more `[rows, D] x [D, V]` matmul for no `[N, T, V]` array.
 
     Args:
       hidden: `[N, T, D]` final hidden states at the positions that predict `tokens`.
@@ -204,6 +439,8 @@ def linear_token_logprobs(hidden, unembedding, tokens, *, temperature: float = 1
       tokens: `[N, T]` integer token ids.
       temperature: the sampling temperature (> 0).
       chunk_size: rows of `[N*T]` per chunk; None computes all at once.
+      vocab_chunk_size: vocabulary entries per block (None: the whole vocabulary at once); used
+        without a top-k / top-p filter (the filter needs each row's whole distribution).
       softcap: final-logit soft-capping value (Gemma), or None.
       top_k, top_p: the sampler's filter (0 and 1.0: none).
 
@@ -219,7 +456,13 @@ def linear_token_logprobs(hidden, unembedding, tokens, *, temperature: float = 1
     _checks.check_positive_float("temperature", temperature)
     if chunk_size is not None:
         _checks.check_positive_int("chunk_size", chunk_size)
+    if vocab_chunk_size is not None:
+        _checks.check_positive_int("vocab_chunk_size", vocab_chunk_size)
     _check_filter(top_k, top_p)
+    if not _is_filtered(top_k, top_p):
+        logprobs, entropy = _fused_linear(_flat(hidden), unembedding, _flat(tokens), temperature, softcap, chunk_size,
+                                          vocab_chunk_size)
+        return jnp.reshape(logprobs, jnp.shape(tokens)), jnp.reshape(entropy, jnp.shape(tokens))
     rows_from_logits = _rows_from_logits(top_k, top_p, temperature)
 
     def rows(h, y):

@@ -126,8 +126,8 @@ def completion_slice(x, rollout: RolloutBatch):
     return x[:, p - 1 : p - 1 + t]
 
 
-def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chunk_size, top_k=0,
-                   top_p=1.0, compute_dtype=None, dropout_key=None) -> Forward:
+def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chunk_size, vocab_chunk_size=None,
+                   top_k=0, top_p=1.0, compute_dtype=None, dropout_key=None) -> Forward:
     """Log-probabilities and entropies of the completion tokens under the sampling distribution
     (its temperature and top-k / top-p set; pass the defaults for a reference policy), with the
     forward pass in `compute_dtype` (None: the parameters' own).
@@ -140,10 +140,11 @@ def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chun
         lora.set_dropout_key(model, dropout_key)
     ids, attention = sequence_inputs(rollout)
     hidden = models.hidden_states(model, ids, attention)
-    # Straight from hidden states: the [N, T, V] logits exist only chunk_size rows at a time.
+    # Straight from hidden states: the [N, T, V] logits exist only [chunk_size, vocab_chunk_size] at a time.
     logprobs, entropy = obj.linear_token_logprobs(
         completion_slice(hidden, rollout), model.unembedding_matrix(), rollout.tokens,
-        temperature=temperature, chunk_size=chunk_size, softcap=model.final_logit_softcapping,
+        temperature=temperature, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        softcap=model.final_logit_softcapping,
         top_k=top_k, top_p=top_p)
     return Forward(logprobs, entropy, hidden)
 
@@ -172,8 +173,8 @@ class Algorithm:
     """
 
     def __init__(self, algo: AlgoConfig, *, graphdef, critic_graphdef=None, temperature: float,
-                 chunk_size: int | None, top_k: int = 0, top_p: float = 1.0, compute_dtype=None,
-                 micro_batch_size: int | None = None, reference_graphdef=None):
+                 chunk_size: int | None, vocab_chunk_size: int | None = None, top_k: int = 0, top_p: float = 1.0,
+                 compute_dtype=None, micro_batch_size: int | None = None, reference_graphdef=None):
         self.cfg = algo
         self.graphdef = graphdef
         self.reference_graphdef = reference_graphdef
@@ -181,7 +182,7 @@ class Algorithm:
         self.critic_graphdef = critic_graphdef
         self.temperature = temperature
         self.top_k, self.top_p = top_k, top_p
-        self.chunk_size = chunk_size
+        self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
         self.compute_dtype = compute_dtype
         self.micro_batch_size = micro_batch_size
         self.aggregation = algo.aggregation or DEFAULT_AGGREGATION[algo.name]
@@ -219,8 +220,9 @@ class Algorithm:
     def _forward(self, params, rollout, base=None, dropout_key=None):
         """The policy's forward; `base`: the frozen base a LoRA policy's adapters sit on."""
         return policy_forward(self.graphdef, params if base is None else (params, base), rollout,
-                              temperature=self.temperature, chunk_size=self.chunk_size, top_k=self.top_k,
-                              top_p=self.top_p, compute_dtype=self.compute_dtype, dropout_key=dropout_key)
+                              temperature=self.temperature, chunk_size=self.chunk_size,
+                              vocab_chunk_size=self.vocab_chunk_size, top_k=self.top_k, top_p=self.top_p,
+                              compute_dtype=self.compute_dtype, dropout_key=dropout_key)
 
     def _values(self, critic_params, rollout, policy_hidden):
         return critic_values(self.critic_graphdef, critic_params, rollout, policy_hidden, self.compute_dtype)
@@ -230,8 +232,8 @@ class Algorithm:
         # a top-k / top-p set of its own would give sampled tokens log-probability -inf.
         # With LoRA it is the base with the adapters off: the same weights, another graph.
         ref = policy_forward(self.reference_graphdef or self.graphdef, ref_params, rollout,
-                             temperature=self.temperature,
-                             chunk_size=self.chunk_size, compute_dtype=self.compute_dtype)
+                             temperature=self.temperature, chunk_size=self.chunk_size,
+                             vocab_chunk_size=self.vocab_chunk_size, compute_dtype=self.compute_dtype)
         return jax.lax.stop_gradient(ref.logprobs)
 
     def _ema_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):

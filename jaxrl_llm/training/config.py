@@ -209,6 +209,9 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     logprob_chunk_size: int | None = 4096  # rows per chunk of the vocabulary log-softmax
+    # Vocabulary entries per block inside a chunk (the unembedding matmul and an online
+    # log-sum-exp run block by block): the logits are at most [chunk rows, this] in float32.
+    logprob_vocab_chunk_size: int | None = 32768
     # Sequences per forward/backward pass (a multiple of algo.num_samples dividing each update's
     # batch); gradients are accumulated with the whole batch's loss denominators, so the update
     # is the same as in one pass. None: the whole batch at once.

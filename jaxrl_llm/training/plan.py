@@ -83,7 +83,7 @@ def abstract_setup(config: Config, mesh):
     dtype = compute_dtype(c)
     algorithm = Algorithm(c.algo, graphdef=graphdef, critic_graphdef=critic_graphdef,
                           temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
-                          top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=dtype,
+                          vocab_chunk_size=c.train.logprob_vocab_chunk_size, top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=dtype,
                           micro_batch_size=c.train.micro_batch_size, reference_graphdef=reference_graphdef)
     optimizer = make_optimizer(c)
     state = jax.eval_shape(lambda p, q, b: TrainState.create(

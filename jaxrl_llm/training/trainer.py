@@ -357,7 +357,7 @@ class Trainer:
         self.compute_dtype = compute_dtype(c)
         self.algorithm = Algorithm(c.algo, graphdef=self.graphdef, critic_graphdef=critic_graphdef,
                                    temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
-                                   top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
+                                   vocab_chunk_size=c.train.logprob_vocab_chunk_size, top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
                                    micro_batch_size=c.train.micro_batch_size,
                                    reference_graphdef=self.reference_graphdef)
         self.optimizer = make_optimizer(c)

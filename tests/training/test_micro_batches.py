@@ -158,9 +158,9 @@ def test_a_trainer_step_in_micro_batches_trains_like_one_pass(toy_config, tmp_pa
         a, b = whole.step(), micro.step()
         np.testing.assert_allclose(b["loss/total"], a["loss/total"], rtol=1e-5, atol=1e-6)
     # Adam divides by the gradient's scale: a gradient near 0 turns float32 noise into up to
-    # lr-sized steps; 2e-5 at lr 0.01 still tells a real difference from summation order.
+    # lr-sized steps; 5e-5 at lr 0.01 still tells a real difference from summation order.
     for x, y in zip(jax.tree.leaves(micro.state.params), jax.tree.leaves(whole.state.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=5e-5)
     sampled = Trainer(toy_config(f"train.run_dir={tmp_path / 'c'}", "rollout.micro_batch_size=8"))
     batch = sampled.collect()[0]
     assert batch.tokens.shape == (32, 4)

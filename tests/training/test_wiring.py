@@ -173,3 +173,20 @@ def test_execution_keys_reach_the_policy_and_the_critic_and_leave_the_update_unc
         grads.append(jax.jit(trainer.algorithm.value_and_grad)(state.params, train_batch)[1])
     for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_logprob_chunks_reach_the_forward_and_leave_the_gradient_unchanged(toy_config):
+    """`train.logprob_chunk_size` / `logprob_vocab_chunk_size` are memory knobs: the blocks (here
+    rows in 3 blocks and a vocabulary of 16 in overlapping blocks of 5) give the same gradient."""
+    trainer = Trainer(toy_config("train.logprob_chunk_size=40", "train.logprob_vocab_chunk_size=5"))
+    assert (trainer.algorithm.chunk_size, trainer.algorithm.vocab_chunk_size) == (40, 5)
+    rng = np.random.default_rng(0)
+    n, prompt, completion = 16, 6, 4  # 64 rows: one block of 40 rows and a tail of 24
+    batch = RolloutBatch(jnp.asarray(rng.integers(3, 16, (n, prompt))), jnp.ones((n, prompt), jnp.int32),
+                         jnp.asarray(rng.integers(0, 16, (n, completion))), jnp.ones((n, completion), jnp.float32),
+                         jnp.asarray(rng.random(n), jnp.float32), jnp.ones(n, bool))
+    whole = Algorithm(trainer.config.algo, graphdef=trainer.graphdef, temperature=1.0, chunk_size=None)
+    state, train_batch, _ = jax.jit(trainer.algorithm.prepare)(trainer.state, batch)
+    grads = [jax.jit(jax.grad(a.loss, has_aux=True))(state.params, train_batch)[0] for a in (trainer.algorithm, whole)]
+    for x, y in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
