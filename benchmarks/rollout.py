@@ -56,7 +56,11 @@ SIZES = {
                   num_key_value_heads=4, vocab_size=2048), 64, 16, 32),
     "small": (dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
                    num_key_value_heads=8, vocab_size=32000), 16, 16, 64),
+    # For a GPU (not in the default sizes): Qwen2.5-0.5B's shape as a Llama (no q/k/v bias, untied).
+    "qwen0.5b": (dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=151936, max_position_embeddings=512), 64, 16, 256),
 }
+DEFAULT_SIZES = "tiny,small"
 # Real models: name -> (parameter dtype on both sides, batch, prompt length, new tokens).
 REAL_MODELS = {
     "gemma": ("float32", 16, 16, 64),
@@ -78,7 +82,7 @@ def parse_args():
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where both libraries run")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="JAX CPU devices for the split set-up (default: one per core)")
-    p.add_argument("--sizes", default=",".join(SIZES),
+    p.add_argument("--sizes", default=DEFAULT_SIZES,
                    help="comma-separated subset of " + ",".join([*SIZES, *REAL_MODELS]))
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 7; 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer rounds")
@@ -127,7 +131,7 @@ def build_models(cfg_kwargs, torch_device):
 
     from jaxrl_llm import models
 
-    config = transformers.LlamaConfig(**cfg_kwargs, max_position_embeddings=256, pad_token_id=0,
+    config = transformers.LlamaConfig(**{"max_position_embeddings": 256, **cfg_kwargs}, pad_token_id=0,
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()

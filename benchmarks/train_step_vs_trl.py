@@ -52,6 +52,49 @@ def matmul_rate(rows=896, width=512, repeats=20) -> float:
     return 2 * rows * width * width * repeats / (time.perf_counter() - start) / 1e9
 
 
+def weight_gradient_products(rows=896, width=128, out=512, repeats=50) -> dict:
+    """ms of the update's widest weight products on XLA:CPU: the forward x @ W, the weight gradient
+    x^T g as autodiff writes it (a dot contracting the rows), and the same with x transposed in
+    memory first (an optimization barrier keeps XLA from folding the transpose back)."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w, g = jnp.ones((rows, width)), jnp.ones((width, out)), jnp.ones((rows, out))
+    products = {"forward x @ W": (lambda x, w, g: x @ w),
+                "weight gradient x^T g": (lambda x, w, g: x.T @ g),
+                "x^T g, x transposed first": (lambda x, w, g: jax.lax.optimization_barrier(x.T) @ g)}
+    result = {}
+    for name, fn in products.items():
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(x, w, g))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x, w, g))
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times) * 1e3
+    return result
+
+
+def forward_and_backward_ms(trainer, state, batch, repeats=20) -> dict:
+    """ms of the update's loss alone (the forward) and of its value and gradient, jitted apart."""
+    import jax
+
+    algorithm, base = trainer.algorithm, state.base_params
+    calls = {"forward": jax.jit(lambda p, b: algorithm.loss(p, b, base=base)),
+             "forward + backward": jax.jit(lambda p, b: algorithm.value_and_grad(p, b, base))}
+    result = {}
+    for name, fn in calls.items():
+        jax.block_until_ready(fn(state.params, batch))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(state.params, batch))
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times) * 1e3
+    return result
+
+
 # -- our trainer ----------------------------------------------------------------------------------
 
 
@@ -99,7 +142,10 @@ def run_ours(steps: int, warmup: int) -> dict:
         result = {"times": times[warmup:], "reward": statistics.mean(rewards), "peak_rss_mb": peak_rss_mb(),
                   "setup_rss_mb": setup_rss, "machine": machine(), "torch_imported": "torch" in sys.modules,
                   "parts": {k: statistics.median(v[warmup:]) for k, v in parts.items()},
-                  "matmul_gflops": matmul_rate()}
+                  "matmul_gflops": matmul_rate(), "weight_products_ms": weight_gradient_products()}
+        batch = trainer.collect()[0]
+        state, train_batch, _ = prepare(trainer.state, batch)
+        result["update_passes_ms"] = forward_and_backward_ms(trainer, state, train_batch)
         # The compute floor: the FLOPs XLA counts in the compiled prepare and update (sampling adds about
         # one more forward pass over the same tokens) at the best matmul rate of this machine.
         result["gflop"] = {name: fn.lower(*seen[name]).compile().cost_analysis().get("flops", 0.0) / 1e9
@@ -267,6 +313,14 @@ def report(args, ours: dict, trl: dict) -> str:
         f"{rate:.0f} GFLOP/s, so no implementation of this step on this machine runs in under about "
         f"{floor * 1e3:.0f} ms. TRL runs the same FLOPs: the most any implementation could reach against its "
         f"{trl['median'] * 1e3:.0f} ms is about {trl['median'] / floor:.1f}x.",
+        "",
+        "Our update's passes, jitted apart (median ms): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in ours["update_passes_ms"].items())
+        + f" (the backward: {ours['update_passes_ms']['forward + backward'] / ours['update_passes_ms']['forward'] - 1:.1f}x "
+        "the forward; 2x is the FLOP ratio). Its widest weight products on XLA:CPU, [896, 128] x [128, 512] and "
+        "the gradient of the weight (median ms): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ours["weight_products_ms"].items())
+        + ": XLA runs the weight gradient, which contracts over the rows, as a dot with a transposed operand.",
         "",
         f"target: ours >= {TARGET:g}x TRL: {verdict}.",
         "",

@@ -382,7 +382,9 @@ def token_logprobs(logits, tokens, *, temperature: float = 1.0, chunk_size: int 
       logits: `[N, T, V]` float logits (any float dtype).
       tokens: `[N, T]` integer token ids in [0, V).
       temperature: the sampling temperature (> 0).
-      chunk_size: rows of `[N*T]` per chunk; None computes all at once.
+      chunk_size: at most this many rows of `[N*T]` at a time. Without a filter the kernel already
+        works in cache-sized row blocks and keeps no `[N, T, V]` temporary (this can only lower
+        the block); with top-k / top-p it bounds the filter's temporaries (None: all at once).
       top_k, top_p: the sampler's filter (0 and 1.0: none), so that the log-probabilities are
         those of the distribution the tokens were drawn from.
 
@@ -410,7 +412,9 @@ def token_entropy(logits, *, temperature: float = 1.0, chunk_size: int | None = 
     Args:
       logits: `[N, T, V]` float logits.
       temperature: the sampling temperature (> 0).
-      chunk_size: rows of `[N*T]` per chunk; None computes all at once.
+      chunk_size: at most this many rows of `[N*T]` at a time. Without a filter the kernel already
+        works in cache-sized row blocks and keeps no `[N, T, V]` temporary (this can only lower
+        the block); with top-k / top-p it bounds the filter's temporaries (None: all at once).
       top_k, top_p: the sampler's filter (0 and 1.0: none).
 
     Returns:
