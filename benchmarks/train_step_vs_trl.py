@@ -37,6 +37,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def call_times(fn, *args, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn(*args)`, each to completion, after one warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def matmul_rate(rows=896, width=512, repeats=20) -> float:
     """GFLOP/s of XLA's best float32 matmul here on the update's row count (64 sequences x 14
     positions), a [rows, width] x [width, width] product: the rate the step's FLOPs can run at."""
@@ -44,12 +57,8 @@ def matmul_rate(rows=896, width=512, repeats=20) -> float:
     import jax.numpy as jnp
 
     x, w = jnp.ones((rows, width)), jnp.ones((width, width))
-    product = jax.jit(lambda x, w: x @ w)
-    jax.block_until_ready(product(x, w))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(product(x, w))
-    return 2 * rows * width * width * repeats / (time.perf_counter() - start) / 1e9
+    times = call_times(jax.jit(lambda x, w: x @ w), x, w, repeats=repeats)
+    return 2 * rows * width * width * repeats / sum(times) / 1e9
 
 
 def weight_gradient_products(rows=896, width=128, out=512, repeats=50) -> dict:
@@ -63,17 +72,8 @@ def weight_gradient_products(rows=896, width=128, out=512, repeats=50) -> dict:
     products = {"forward x @ W": (lambda x, w, g: x @ w),
                 "weight gradient x^T g": (lambda x, w, g: x.T @ g),
                 "x^T g, x transposed first": (lambda x, w, g: jax.lax.optimization_barrier(x.T) @ g)}
-    result = {}
-    for name, fn in products.items():
-        fn = jax.jit(fn)
-        jax.block_until_ready(fn(x, w, g))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x, w, g))
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times) * 1e3
-    return result
+    return {name: statistics.median(call_times(jax.jit(fn), x, w, g, repeats=repeats)) * 1e3
+            for name, fn in products.items()}
 
 
 def forward_and_backward_ms(trainer, state, batch, repeats=20) -> dict:
@@ -83,16 +83,8 @@ def forward_and_backward_ms(trainer, state, batch, repeats=20) -> dict:
     algorithm, base = trainer.algorithm, state.base_params
     calls = {"forward": jax.jit(lambda p, b: algorithm.loss(p, b, base=base)),
              "forward + backward": jax.jit(lambda p, b: algorithm.value_and_grad(p, b, base))}
-    result = {}
-    for name, fn in calls.items():
-        jax.block_until_ready(fn(state.params, batch))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(state.params, batch))
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times) * 1e3
-    return result
+    return {name: statistics.median(call_times(fn, state.params, batch, repeats=repeats)) * 1e3
+            for name, fn in calls.items()}
 
 
 # -- our trainer ----------------------------------------------------------------------------------

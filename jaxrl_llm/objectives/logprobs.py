@@ -136,19 +136,11 @@ def _rows_from_logits(top_k, top_p, temperature, with_entropy=True):
 def _map_chunks(fn, inputs, chunk_size):
     """`fn(*chunk) -> pytree of [R] arrays` over the rows of `inputs` (arrays with a leading [R]),
     `chunk_size` rows at a time under `jax.checkpoint` (None: all at once)."""
-    rows = inputs[0].shape[0]
-    if chunk_size is None or chunk_size >= rows:
+    if chunk_size is None or chunk_size >= inputs[0].shape[0]:
         return fn(*inputs)
-    num_chunks, remainder = divmod(rows, chunk_size)
-    full = num_chunks * chunk_size
     # Recompute each chunk's softmax in the backward pass instead of storing it.
-    chunk_fn = jax.checkpoint(lambda args: fn(*args))
-    chunked = tuple(x[:full].reshape(num_chunks, chunk_size, *x.shape[1:]) for x in inputs)
-    out = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), lax.map(chunk_fn, chunked))
-    if remainder:
-        tail = chunk_fn(tuple(x[full:] for x in inputs))
-        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-    return out
+    chunk_fn = jax.checkpoint(fn)
+    return _scan_row_blocks(lambda carry, *chunk: (carry, chunk_fn(*chunk)), None, inputs, chunk_size)[1]
 
 
 def _flat(x):
