@@ -17,6 +17,23 @@ def plain_logprobs_and_entropy(z, tokens):
             -jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
 
 
+def lowered_for(platform, fn):
+    """`fn` jitted, lowered for `platform` (its `lax.platform_dependent` branches), run here: XLA:CPU
+    compiles a program lowered for "cuda" as long as it holds no GPU-only custom call, so a CPU
+    checks the numbers of the accelerator's kernel too."""
+    jitted = jax.jit(fn)
+
+    def call(*args):
+        return jitted.trace(*args).lower(lowering_platforms=(platform,)).compile()(*args)
+
+    return call
+
+
+# Every platform's kernel: CPU's (cache-sized row blocks, two-pass reductions) and the one
+# accelerators get (whole rows, one fused online-softmax reduction).
+PLATFORMS = ("cpu", "cuda")
+
+
 def batch(n=3, t=5, d=8, v=37, seed=0):
     rng = np.random.default_rng(seed)
     return dict(hidden=jnp.asarray(rng.standard_normal((n, t, d), dtype=np.float32)),
@@ -31,7 +48,9 @@ def batch(n=3, t=5, d=8, v=37, seed=0):
 @pytest.mark.parametrize("chunk_size, vocab_chunk_size, temperature, softcap", [
     (None, None, 1.0, None), (4, 5, 0.7, 5.0), (7, 8, 1.0, None), (15, 16, 0.7, 5.0), (None, 37, 1.3, None),
     (100, 64, 1.0, 30.0)])
-def test_linear_kernel_values_and_gradients_equal_the_plain_formula(chunk_size, vocab_chunk_size, temperature, softcap):
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_linear_kernel_values_and_gradients_equal_the_plain_formula(chunk_size, vocab_chunk_size, temperature, softcap,
+                                                                     platform):
     b = batch()
 
     def objective(fn):
@@ -39,7 +58,7 @@ def test_linear_kernel_values_and_gradients_equal_the_plain_formula(chunk_size, 
             logp, entropy = fn(hidden, unembedding)
             # Both outputs in the loss: the entropy's gradient (a bonus) must reach the weights too.
             return jnp.sum(logp * b["g_logp"]) + jnp.sum(entropy * b["g_entropy"]), (logp, entropy)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        return lowered_for(platform, jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
     def plain(hidden, unembedding):
         z = hidden @ unembedding
@@ -58,13 +77,14 @@ def test_linear_kernel_values_and_gradients_equal_the_plain_formula(chunk_size, 
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4, 15])
-def test_logits_kernel_gradients_equal_the_plain_formula(chunk_size):
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_logits_kernel_gradients_equal_the_plain_formula(chunk_size, platform):
     b = batch()
     z = 3.0 * (b["hidden"] @ b["unembedding"])
     temperature = 0.8
 
     def grad(fn, g):
-        return jax.grad(lambda z: jnp.sum(fn(z) * g))(z)
+        return lowered_for(platform, jax.grad(lambda z: jnp.sum(fn(z) * g)))(z)
 
     plain = lambda z: plain_logprobs_and_entropy(z / temperature, b["tokens"])  # noqa: E731
     np.testing.assert_allclose(
@@ -110,3 +130,44 @@ def test_vocab_chunk_size_must_be_a_positive_integer():
     b = batch()
     with pytest.raises(UserError, match="vocab_chunk_size"):
         jaxrl_llm.linear_token_logprobs(b["hidden"], b["unembedding"], b["tokens"], vocab_chunk_size=0)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_logits_kernel_values_equal_the_plain_formula_at_a_real_vocabulary(platform):
+    """Many rows of a large vocabulary with extreme logits: the online merge of (max, sum,
+    entropy sum) must match log_softmax where it rescales often, and -inf logits (a masked
+    vocabulary) must not turn into NaN."""
+    rng = np.random.default_rng(3)
+    z = jnp.asarray(rng.standard_normal((2, 24, 5000), dtype=np.float32) * 8)
+    z = z.at[0, 0, :100].set(-jnp.inf)
+    tokens = jnp.asarray(rng.integers(100, 5000, (2, 24)))
+    got = lowered_for(platform, lambda z: (jaxrl_llm.token_logprobs(z, tokens), jaxrl_llm.token_entropy(z)))(z)
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    want = (jnp.take_along_axis(log_p, tokens[..., None], -1)[..., 0],
+            -jnp.sum(jnp.where(jnp.isfinite(log_p), jnp.exp(log_p) * log_p, 0.0), axis=-1))
+    for x, y in zip(got, want):
+        # float32 sums over 5000 entries: a few ulps of the result per 1000 terms.
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5)
+    g = jnp.asarray(rng.standard_normal((2, 2, 24), dtype=np.float32))
+    grad = lowered_for(platform, jax.grad(lambda z: jnp.sum(jaxrl_llm.token_logprobs(z, tokens) * g[0])
+                                          + jnp.sum(jaxrl_llm.token_entropy(z) * g[1])))(z)
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_array_equal(grad[0, 0, :100], 0.0)  # no probability, no gradient
+
+
+def exported_program(platform: str) -> str:
+    """StableHLO of the log-prob kernel's loss and gradient from [64 x 32, 32000] logits, exported
+    for `platform` from this (CPU) host, as `jax.export` and `jaxrl-llm plan` see it."""
+    def loss(logits, tokens):
+        return jnp.sum(jaxrl_llm.token_logprobs(logits, tokens)) + jnp.sum(jaxrl_llm.token_entropy(logits))
+
+    args = (jax.ShapeDtypeStruct((64, 32, 32000), jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.int32))
+    return jax.export.export(jax.jit(jax.grad(loss)), platforms=[platform])(*args).mlir_module()
+
+
+def test_the_kernel_blocks_rows_for_the_platform_it_is_lowered_for_not_the_host():
+    # XLA:CPU: a loop over cache-sized blocks of rows (16 rows of 32000 here).
+    assert "stablehlo.while" in exported_program("cpu")
+    # An accelerator: whole rows in one pass, no loop of thousands of tiny steps; the host is a CPU.
+    for platform in ("cuda", "tpu"):
+        assert "stablehlo.while" not in exported_program(platform), platform

@@ -11,10 +11,18 @@ custom VJP (`jax.custom_vjp`):
   logits written once: dz = g_logp * (onehot(y) - p) - g_H * p * (log p + H).
 
 Its floor is memory traffic: read the logits once for the statistics, once more for the
-gradient, write the gradient once. From logits, the forward runs over blocks of rows small
-enough (~2 MB) for its two reductions to read each block from the cache, whatever `chunk_size`
-(which only lowers the block further): it keeps no `[N, T, V]` temporary either way, and the
-backward pass is one elementwise pass into the gradient. `linear_token_logprobs` goes further, as
+gradient, write the gradient once. How the forward reads them is chosen by the platform the
+program is lowered for (`lax.platform_dependent`), never by the host, so that `jax.export(...,
+platforms=["cuda"])` or `jaxrl-llm plan --platform cuda` on a CPU host gets the accelerator's
+program:
+
+* XLA:CPU: blocks of rows small enough (~2 MB) for the max and the sum of exponentials to read
+  each block from the cache, whatever `chunk_size` (which only lowers the block);
+* GPU/TPU: whole rows (or `chunk_size` rows) in ONE pass, a variadic reduction that merges
+  (max, sum of exponentials, entropy sum) online, so the logits are read once from memory.
+
+Either way no `[N, T, V]` temporary is kept, and the backward pass is one elementwise pass into
+the gradient. `linear_token_logprobs` goes further, as
 Liger's fused linear cross-entropy does (Hsu et al. 2024, https://arxiv.org/abs/2410.10989): the
 unembedding matmul runs inside the chunk, and `vocab_chunk_size` splits the vocabulary too, with
 an online log-sum-exp (Milakov & Gimelshein 2018, https://arxiv.org/abs/1805.02867), so no
@@ -175,18 +183,85 @@ def _scan_row_blocks(fn, carry, inputs, block):
 
 def _row_stats(z, tokens, with_entropy):
     """`(z[y] - max, max, log sum e^(z - max), sum p (z - max) or None)` per row of z [R, Vb].
-    Shifted by the row's max, as log_softmax does: nothing large cancels."""
+    Shifted by the row's max, as log_softmax does: nothing large cancels.
+
+    How the reductions run is chosen by the platform the program is lowered for
+    (`lax.platform_dependent`), never by the host: XLA:CPU gets two cache-friendly passes, an
+    accelerator one fused pass (see `_row_stats_one_pass`)."""
+    def two_pass(z, tokens):
+        return _row_stats_two_pass(z, tokens, with_entropy)
+
+    def one_pass(z, tokens):
+        return _row_stats_one_pass(z, tokens, with_entropy)
+
+    accelerator = one_pass if ACCELERATOR_ROW_STATS == "one_pass" else two_pass
+    return lax.platform_dependent(z, tokens, cpu=two_pass, default=accelerator)
+
+
+# The accelerators' forward: "one_pass" (the default), or "two_pass" (max, then the sum of
+# exponentials: XLA's plain reductions), which benchmarks/gpu_suite.py times beside it.
+ACCELERATOR_ROW_STATS = "one_pass"
+
+
+def _row_stats_two_pass(z, tokens, with_entropy):
+    """The max, then the sum of exponentials (and the entropy's sum): each a plain reduction that
+    XLA:CPU vectorises; the second reads the block from the cache (the caller keeps blocks small)."""
     peak = jnp.max(z, axis=-1)
     shifted = z - peak[:, None]
     log_total = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    target = jnp.take_along_axis(shifted, jnp.clip(tokens, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    target = _column(shifted, tokens)
     mean_shifted = None
     if with_entropy:
         # A second reduction that recomputes exp: sharing it with the first would make XLA:CPU
         # write the [R, Vb] exponentials out and read them back twice.
         shifted2 = lax.optimization_barrier(shifted)
-        mean_shifted = jnp.sum(jnp.exp(shifted2) * shifted2, axis=-1) / jnp.exp(log_total)
+        # A -inf logit (a masked vocabulary entry) has p log p = 0, not 0 * -inf.
+        weighted = jnp.where(shifted2 > -jnp.inf, jnp.exp(shifted2) * shifted2, 0.0)
+        mean_shifted = jnp.sum(weighted, axis=-1) / jnp.exp(log_total)
     return target, peak, log_total, mean_shifted
+
+
+def _online_softmax_combine(a, b):
+    """Merge two partial row statistics `(m, s, u)`, each relative to its own max m:
+    s = sum e^(z - m), u = sum e^(z - m) (z - m). One exp per merge: only the smaller max is
+    rescaled, by e^d with d = min - max <= 0 (Milakov & Gimelshein 2018)."""
+    (m1, s1, u1), (m2, s2, u2) = a, b
+    first_larger = m1 >= m2
+    peak = jnp.maximum(m1, m2)
+    # -inf - -inf (two empty partials) is NaN: such a d is 0, and -inf is held at a finite value
+    # so that 0 * d stays 0.
+    d = jnp.where(m1 == m2, 0.0, jnp.maximum(jnp.minimum(m1, m2) - peak, -1e30))
+    e = jnp.exp(d)
+    s_big, u_big = jnp.where(first_larger, s1, s2), jnp.where(first_larger, u1, u2)
+    s_small, u_small = jnp.where(first_larger, s2, s1), jnp.where(first_larger, u2, u1)
+    return peak, s_big + e * s_small, u_big + e * (u_small + s_small * d)
+
+
+def _row_stats_one_pass(z, tokens, with_entropy):
+    """The same statistics from ONE read of each row: a variadic reduction whose partial results
+    are (max, sum of exponentials, and for the entropy sum e^(z - m) (z - m)), merged online.
+    On a GPU the row's max and its sum of exponentials are otherwise two passes over memory;
+    the logits of a real vocabulary do not fit in any cache."""
+    ones = jnp.ones(z.shape, z.dtype)
+    if with_entropy:
+        init = (jnp.array(-jnp.inf, z.dtype), jnp.array(0, z.dtype), jnp.array(0, z.dtype))
+        peak, total, weighted = lax.reduce((z, ones, jnp.zeros(z.shape, z.dtype)), init, _online_softmax_combine,
+                                           (z.ndim - 1,))
+        mean_shifted = weighted / total
+    else:
+        def combine(a, b):
+            return _online_softmax_combine((*a, 0.0), (*b, 0.0))[:2]
+
+        peak, total = lax.reduce((z, ones), (jnp.array(-jnp.inf, z.dtype), jnp.array(0, z.dtype)), combine,
+                                 (z.ndim - 1,))
+        mean_shifted = None
+    target = _column(z, tokens) - peak
+    return target, peak, jnp.log(total), mean_shifted
+
+
+def _column(z, tokens):
+    """z[r, tokens[r]] for each row (an index outside [0, Vb) reads a clipped column: callers mask it)."""
+    return jnp.take_along_axis(z, jnp.clip(tokens, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
 
 
 def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None):
@@ -196,7 +271,8 @@ def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None):
     p = jnp.exp(log_p)
     dz = -p * g_logp[:, None]
     if g_entropy is not None:
-        dz = dz - (g_entropy[:, None] * p) * (log_p + entropy[:, None])
+        # p (log p + H) is 0 where p is (a -inf logit): never 0 * -inf.
+        dz = dz - jnp.where(p > 0, (g_entropy[:, None] * p) * (log_p + entropy[:, None]), 0.0)
     # + g_logp at each row's token, if this block holds it (a scatter: no [R, Vb] one-hot).
     outside = (token_index < 0) | (token_index >= z.shape[-1])
     return dz.at[jnp.arange(z.shape[0]), jnp.where(outside, z.shape[-1], token_index)].add(g_logp, mode="drop")
@@ -204,27 +280,36 @@ def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None):
 
 # --- from logits ----------------------------------------------------------------------------
 
-# Rows per block of the forward pass: about 2 MB of float32 logits, so that the max and the
-# sum of exponentials read each block from the cache, not twice from memory. Measured on a
+# XLA:CPU: rows per block of the forward pass, about 2 MB of float32 logits, so that the max and
+# the sum of exponentials read each block from the cache, not twice from memory. Measured on a
 # 2-core EPYC, loss + gradient from [1024, 262144] logits: 1180 ms in one block, 565 ms in blocks
 # of 2 rows; from [8192, 32000]: 473 ms vs 496 ms in blocks of 16 (benchmarks/objectives_vs_pytorch.py).
-_BLOCK_ELEMENTS = 1 << 19
+# An accelerator runs the same blocks as a loop of thousands of tiny steps (3.2x slower than
+# PyTorch eager on an H200 at V=151936): there the forward reads whole rows in one fused pass.
+_CPU_BLOCK_ELEMENTS = 1 << 19
 
 
-def _forward_block_rows(vocab: int, chunk_size: int | None) -> int:
-    rows = max(1, _BLOCK_ELEMENTS // vocab)
+def _cpu_block_rows(vocab: int, chunk_size: int | None) -> int:
+    rows = max(1, _CPU_BLOCK_ELEMENTS // vocab)
     return rows if chunk_size is None else min(rows, chunk_size)
 
 
-def _logits_stats(logits, tokens, temperature, block, with_entropy):
-    block = _forward_block_rows(logits.shape[-1], block)
+def _logits_stats(logits, tokens, temperature, chunk_size, with_entropy):
+    """Per row `(log p(y), lse, H or None)`, in row blocks chosen for the platform the program is
+    lowered for: cache-sized on CPU, `chunk_size` rows (None: all) on an accelerator."""
+    def in_blocks(block):
+        def stats(carry, x, y, temperature):
+            target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy)
+            entropy = None if mean_shifted is None else log_total - mean_shifted
+            return carry, (target - log_total, peak + log_total, entropy)
 
-    def stats(carry, x, y):
-        target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy)
-        entropy = None if mean_shifted is None else log_total - mean_shifted
-        return carry, (target - log_total, peak + log_total, entropy)
+        def run(logits, tokens, temperature):
+            return _scan_row_blocks(lambda c, x, y: stats(c, x, y, temperature), None, (logits, tokens), block)[1]
 
-    return _scan_row_blocks(stats, None, (logits, tokens), block)[1]
+        return run
+
+    cpu_block = _cpu_block_rows(logits.shape[-1], chunk_size)
+    return lax.platform_dependent(logits, tokens, temperature, cpu=in_blocks(cpu_block), default=in_blocks(chunk_size))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -374,9 +459,10 @@ def token_logprobs(logits, tokens, *, temperature: float = 1.0, chunk_size: int 
       logits: `[N, T, V]` float logits (any float dtype).
       tokens: `[N, T]` integer token ids in [0, V).
       temperature: the sampling temperature (> 0).
-      chunk_size: at most this many rows of `[N*T]` at a time. Without a filter the kernel already
-        works in cache-sized row blocks and keeps no `[N, T, V]` temporary (this can only lower
-        the block); with top-k / top-p it bounds the filter's temporaries (None: all at once).
+      chunk_size: at most this many rows of `[N*T]` at a time (None: all at once). Without a
+        filter the kernel keeps no `[N, T, V]` temporary either way (on CPU it already works in
+        cache-sized row blocks, which this can only lower); with top-k / top-p it bounds the
+        filter's temporaries.
       top_k, top_p: the sampler's filter (0 and 1.0: none), so that the log-probabilities are
         those of the distribution the tokens were drawn from.
 
@@ -404,9 +490,10 @@ def token_entropy(logits, *, temperature: float = 1.0, chunk_size: int | None = 
     Args:
       logits: `[N, T, V]` float logits.
       temperature: the sampling temperature (> 0).
-      chunk_size: at most this many rows of `[N*T]` at a time. Without a filter the kernel already
-        works in cache-sized row blocks and keeps no `[N, T, V]` temporary (this can only lower
-        the block); with top-k / top-p it bounds the filter's temporaries (None: all at once).
+      chunk_size: at most this many rows of `[N*T]` at a time (None: all at once). Without a
+        filter the kernel keeps no `[N, T, V]` temporary either way (on CPU it already works in
+        cache-sized row blocks, which this can only lower); with top-k / top-p it bounds the
+        filter's temporaries.
       top_k, top_p: the sampler's filter (0 and 1.0: none).
 
     Returns:
