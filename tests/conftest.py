@@ -1,4 +1,9 @@
-"""Test set-up: 4 fake CPU devices for the multi-device tests, float32 everywhere."""
+"""Test set-up: 4 fake CPU devices for the multi-device tests, float32 everywhere.
+
+On an accelerator: `JAX_PLATFORMS=cuda,cpu python -m pytest -m "not slow and not real_model"`
+(what benchmarks/gpu_suite.py runs). The accelerator is then the default device; tests that need
+several devices of one kind skip themselves, and the GPU-only tests (marked `gpu`) run.
+"""
 
 import os
 import shutil
@@ -19,6 +24,11 @@ if "JAXRL_LLM_TEST_CACHE" not in os.environ:  # set once, in the process that st
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+if jax.default_backend() != "cpu":
+    # The tests compare float32 computations with float32 (or float64) references; a GPU's default
+    # float32 matmul may round its inputs to TF32 (10-bit mantissa), another precision altogether.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
