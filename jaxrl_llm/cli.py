@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="say whether the largest program fits this much memory per device")
             p.add_argument("--programs", default="generate,prepare,update",
                            help="comma-separated programs to compile (default: all three)")
+            p.add_argument("--platform", default="cuda", choices=["cuda", "rocm", "tpu", "cpu"],
+                           help="the machine planned for: its programs (kernels pick their blocking by it), "
+                                "compiled here for XLA's memory analysis (default: cuda)")
+            p.add_argument("--compare-remat", action="store_true",
+                           help="also compile the update under each remat policy and recommend the least "
+                                "recomputation that fits --device-memory-gb")
     return parser
 
 
@@ -125,7 +131,8 @@ def _run(args) -> int:
     elif args.command == "plan":
         from jaxrl_llm.training.plan import format_plan, plan
 
-        result = plan(config, devices=args.devices, programs=tuple(args.programs.split(",")))
+        result = plan(config, devices=args.devices, programs=tuple(args.programs.split(",")), platform=args.platform,
+                      compare_remat=args.compare_remat)
         print(format_plan(result, device_memory_gb=args.device_memory_gb))
     elif args.command == "eval":
         trainer = Trainer(config)

@@ -6,9 +6,19 @@ fake CPU devices, and XLA's memory analysis of each compiled program is read per
 
     arguments + outputs - donated (aliased) + temporaries = the program's peak
 
-`model.path` may be a directory that holds only `config.json`: no weights are read. The peaks
-are XLA:CPU's; an accelerator's compiler fuses and schedules differently (and CPU may hold
-bfloat16 intermediates in float32), so read them as a plan with a margin, not a guarantee.
+`model.path` may be a directory that holds only `config.json`: no weights are read.
+
+`platform` is the machine the run is planned for (`cuda` by default: plans are for
+accelerators). The programs are lowered for it, so every kernel that picks its blocking by the
+lowering platform (`lax.platform_dependent`: the log-prob kernel) is the one that machine runs,
+and then compiled by XLA:CPU, whose memory analysis is read. cuDNN's attention has no CPU
+compiler: the blockwise attention, which like it keeps no `[S, S]` scores for all heads at
+once, stands in for it. The peaks are XLA:CPU's buffer assignment of that program; an
+accelerator's compiler fuses and schedules differently (and CPU may hold bfloat16 intermediates
+in float32), so read them as a plan with a margin, not a guarantee.
+
+`compare_remat` also compiles the update under each remat policy, from the least recomputation
+to the most (`REMAT_BY_COST`), and recommends the first whose peak fits the device.
 """
 
 from __future__ import annotations
@@ -33,6 +43,11 @@ from jaxrl_llm.training.trainer import (compute_dtype, make_optimizer, policy_dt
                                        update_step)
 
 GiB = 1024**3
+PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
+# Remat policies from the least recomputation to the most: none keeps every activation, the
+# selective policy keeps the matmul outputs and recomputes the elementwise ops between them,
+# layer keeps only each decoder layer's input.
+REMAT_BY_COST = ("none", "dots_with_no_batch_dims_saveable", "layer")
 
 
 @dataclasses.dataclass
@@ -63,13 +78,19 @@ def _hf_config(config: Config):
     return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
 
 
+def _planned_attention(attention: str) -> str:
+    """The attention option to compile here: cuDNN's flash kernel, which XLA:CPU cannot compile, is
+    planned as the blockwise attention, which holds no more ("auto" already picks it on this host)."""
+    return "blockwise" if attention == "cudnn" else attention
+
+
 def abstract_setup(config: Config, mesh):
     """`(algorithm, optimizer, abstract TrainState with shardings, graphdef)` with nothing allocated."""
     c = config
     hf_config = _hf_config(c)
     policy = nnx.eval_shape(lambda: models.from_config(hf_config, dtype=policy_dtype(c)))
     m = c.model
-    policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
+    policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=_planned_attention(m.attention),
                          attention_block=m.attention_block)
     critic_graphdef = critic_params = None
     if c.algo.name == "ppo":
@@ -114,12 +135,21 @@ def _memory(name: str, compiled) -> ProgramMemory:
 PROGRAMS = ("generate", "prepare", "update")
 
 
-def plan(config: Config, *, devices: int, programs=PROGRAMS) -> dict:
+def _compile(jitted, *args, platform: str):
+    """`jitted` lowered for `platform` and compiled by this host's (CPU) compiler."""
+    return jitted.trace(*args).lower(lowering_platforms=(platform,)).compile()
+
+
+def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cuda",
+         compare_remat: bool = False) -> dict:
     """Compile the run's sampler, `prepare` and update (or the named `programs`) for `devices`
-    devices; returns `{"programs": [ProgramMemory, ...], "state_bytes": per-device train state, ...}`."""
+    devices of `platform`; returns `{"programs": [ProgramMemory, ...], "state_bytes": per-device
+    train state, ...}`, and with `compare_remat` also `"remat": {policy: update ProgramMemory}`."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise UserError(f"`programs`: got unknown {unknown}, expected some of {list(PROGRAMS)}.")
+    if platform not in PLATFORMS:
+        raise UserError(f"`--platform`: got {platform!r}, expected one of {list(PLATFORMS)}.")
     c = config
     if c.rollout.prompt_length is None:
         raise UserError("`rollout.prompt_length`: got None, expected the prompt width in tokens (the plan has "
@@ -144,19 +174,28 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS) -> dict:
     )
     measured = []
     if "generate" in programs:
-        measured.append(_memory("generate", _lower_generate(c, graphdef, state, mesh).compile()))
+        measured.append(_memory("generate", _compile(*_generate_program(c, graphdef, state, mesh), platform=platform)))
     if "prepare" in programs:
         prepare = jax.jit(algorithm.prepare, donate_argnums=0)
-        measured.append(_memory("prepare", prepare.lower(state, rollout).compile()))
+        measured.append(_memory("prepare", _compile(prepare, state, rollout, platform=platform)))
     update_rows = n // (1 if algorithm.single_update else c.algo.num_minibatches)
-    if "update" in programs:
-        _, train_batch, _ = jax.eval_shape(algorithm.prepare, state, rollout)
-        train_batch = jax.tree.map(lambda x: _rows(x, update_rows, mesh), train_batch)
+    _, train_batch, _ = jax.eval_shape(algorithm.prepare, state, rollout)
+    train_batch = jax.tree.map(lambda x: _rows(x, update_rows, mesh), train_batch)
+
+    def update_memory(algorithm) -> ProgramMemory:
         update = jax.jit(lambda s, b: update_step(algorithm, optimizer, s, b), donate_argnums=0)
-        measured.append(_memory("update", update.lower(state, train_batch).compile()))
-    state_bytes = sum(_per_device_bytes(x) for x in jax.tree.leaves(state))
-    return {"programs": measured, "state_bytes": state_bytes, "mesh": dict(mesh.shape), "sequences": n,
-            "update_sequences": update_rows}
+        return _memory("update", _compile(update, state, train_batch, platform=platform))
+
+    if "update" in programs:
+        measured.append(update_memory(algorithm))
+    result = {"programs": measured, "state_bytes": sum(_per_device_bytes(x) for x in jax.tree.leaves(state)),
+              "mesh": dict(mesh.shape), "sequences": n, "update_sequences": update_rows, "platform": platform}
+    if compare_remat:
+        result["remat"] = {}
+        for remat in REMAT_BY_COST:
+            other = dataclasses.replace(c, model=dataclasses.replace(c.model, remat=remat))
+            result["remat"][remat] = update_memory(abstract_setup(other, mesh)[0])
+    return result
 
 
 def _per_device_bytes(x) -> int:
@@ -164,8 +203,8 @@ def _per_device_bytes(x) -> int:
     return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
 
 
-def _lower_generate(c: Config, graphdef, state, mesh):
-    """The sampler's program for one call (`rollout.micro_batch_size` sequences, or all)."""
+def _generate_program(c: Config, graphdef, state, mesh):
+    """`(jitted sampler, its abstract arguments)` for one call (`rollout.micro_batch_size` sequences, or all)."""
     r, k = c.rollout, c.algo.num_samples
     sequences = r.micro_batch_size or r.prompts_per_step * k
     prompts = max(sequences // k, 1)
@@ -185,12 +224,12 @@ def _lower_generate(c: Config, graphdef, state, mesh):
 
     ids = jax.ShapeDtypeStruct((prompts, r.prompt_length), jnp.int32, sharding=split)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-    return jax.jit(sample).lower(state.params["policy"], state.base_params, ids, ids, key)
+    return jax.jit(sample), state.params["policy"], state.base_params, ids, ids, key
 
 
 def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
     """The plan as a table: one row per program, bytes per device."""
-    lines = [f"mesh {result['mesh']}, {result['sequences']} sequences per step "
+    lines = [f"{result.get('platform', 'cpu')} program, mesh {result['mesh']}, {result['sequences']} sequences per step "
              f"({result['update_sequences']} per update); per-device train state "
              f"{result['state_bytes'] / GiB:.2f} GiB",
              f"{'program':<10}{'arguments':>12}{'outputs':>12}{'donated':>12}{'temporaries':>14}{'peak':>12}  (GiB per device)"]
@@ -201,6 +240,17 @@ def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
     if device_memory_gb is not None:
         verdict = "fits" if peak <= device_memory_gb * 1e9 else "does NOT fit"
         lines.append(f"largest peak {peak / GiB:.2f} GiB: {verdict} in {device_memory_gb:g} GB per device")
+    if "remat" in result:
+        lines.append("the update under each model.remat, from the least recomputation to the most:")
+        fitting = None
+        for remat, m in result["remat"].items():
+            fits = device_memory_gb is not None and m.peak <= device_memory_gb * 1e9
+            fitting = fitting or (remat if fits else None)
+            lines.append(f"  {remat:<34}{m.temporaries / GiB:>10.2f} GiB temporaries{m.peak / GiB:>10.2f} GiB peak"
+                         + ("" if device_memory_gb is None else "  fits" if fits else "  does NOT fit"))
+        if device_memory_gb is not None:
+            lines.append(f"recommended: model.remat={fitting} (the least recomputation that fits)" if fitting else
+                         "no remat policy fits: add train.micro_batch_size, mesh.fsdp or devices")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jaxrl_llm.training import load_config
-from jaxrl_llm.training.plan import plan
+from jaxrl_llm.training.plan import REMAT_BY_COST, format_plan, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_1B = ROOT / "benchmarks" / "model_configs" / "llama-3.2-1b"
@@ -66,3 +66,27 @@ def test_plan_says_what_each_memory_lever_saves(tiny_policy_dir):
 def test_plan_needs_the_prompt_width(tiny_policy_dir):
     with pytest.raises(ValueError, match="rollout.prompt_length"):
         plan(load_config(None, [f"model.path={tiny_policy_dir}"]), devices=1)
+
+
+def test_plan_compares_remat_policies_and_recommends_the_cheapest_that_fits(tiny_policy_dir):
+    config = load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompts_per_step=8", "algo.num_samples=4",
+                                "rollout.prompt_length=16", "rollout.max_new_tokens=16", "model.scan_layers=true"])
+    result = plan(config, devices=1, programs=("update",), platform="cuda", compare_remat=True)
+    remat = result["remat"]
+    assert list(remat) == list(REMAT_BY_COST)
+    # Keeping less costs recomputation and saves memory: none >= the selective policy >= layer.
+    assert remat["none"].temporaries >= remat["dots_with_no_batch_dims_saveable"].temporaries
+    assert remat["dots_with_no_batch_dims_saveable"].temporaries > remat["layer"].temporaries
+    between = (remat["layer"].peak + remat["none"].peak) / 2 / 1e9  # fits layer, not none
+    text = format_plan(result, device_memory_gb=between)
+    assert text.startswith("cuda program")
+    recommended = text.split("recommended: model.remat=")[1].split()[0]
+    assert recommended in ("dots_with_no_batch_dims_saveable", "layer")
+    assert remat[recommended].peak <= between * 1e9
+    assert "no remat policy fits" in format_plan(result, device_memory_gb=remat["layer"].peak / 2 / 1e9)
+
+
+def test_plan_refuses_an_unknown_platform(tiny_policy_dir):
+    with pytest.raises(ValueError, match="--platform.*'gpu'"):
+        plan(load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompt_length=8"]), devices=1,
+             platform="gpu")
