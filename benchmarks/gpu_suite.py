@@ -149,6 +149,67 @@ def random_model_dir(workdir: Path, smoke: bool) -> Path:
     return path
 
 
+def op_categories(hlo_text: str) -> dict[str, str]:
+    """`{instruction name: what it is}` from a compiled program's HLO text: matmuls (cuBLAS or
+    Triton GEMMs), cuDNN attention, reduction and elementwise fusions, the rest."""
+    import re
+
+    kinds = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? (fusion|custom-call|[a-z\-]+)\(", line)
+        if not match:
+            continue
+        name, op = match.groups()
+        if "gemm" in line or "cublas" in line or op in ("dot", "convolution"):
+            kind = "matmul"
+        elif "cudnn" in line:
+            kind = "attention (cuDNN)"
+        elif op == "fusion" and "kind=kInput" in line:
+            kind = "reduction fusion"
+        elif op == "fusion":
+            kind = "elementwise fusion"
+        else:
+            kind = op
+        kinds[name] = kind
+    return kinds
+
+
+def device_profile(call, hlo_text: str, calls: int = 3, top: int = 10) -> dict:
+    """Where `call`'s device time goes, from a JAX profile of `calls` calls: ms per call by kind of
+    op (`op_categories`) and the costliest ops, read from the GPU's "XLA Ops" events."""
+    import glob
+
+    import jax
+
+    kinds = op_categories(hlo_text)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        call()
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+            call()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        profile = jax.profiler.ProfileData.from_file(path)
+    per_op, lines_seen = {}, set()
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            lines_seen.add(f"{plane.name}/{line.name}")
+            if line.name != "XLA Ops":
+                continue
+            for event in line.events:
+                per_op[event.name] = per_op.get(event.name, 0.0) + event.duration_ns / 1e6 / calls
+    by_kind = {}
+    for name, ms in per_op.items():
+        kind = kinds.get(name.split(":")[0].lstrip("%"), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    costly = sorted(per_op, key=per_op.get, reverse=True)[:top]
+    return {"device_ms": sum(per_op.values()), "by_kind": by_kind,
+            "top": [(name, kinds.get(name.split(":")[0].lstrip("%"), "other"), per_op[name]) for name in costly],
+            "lines": sorted(lines_seen)[:12]}
+
+
 # -- 1. objectives from logits and from hidden states -----------------------------------------------
 
 
@@ -196,7 +257,7 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
             x = t_logits.float().detach().requires_grad_()
             loss = torch_rloo(x)
             loss.backward()
-            reference = (float(loss), x.grad.float().cpu().numpy())
+            reference = (float(loss), x.grad.float())  # stays on the device: 10 GB is no host copy
             del x
 
         def torch_call(fn):
@@ -232,10 +293,9 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
         for label, call in sides:
             loss, grad = call()
             loss = float(loss)
-            grad = (grad.float().cpu().numpy() if isinstance(grad, torch.Tensor)
-                    else np.asarray(grad.astype(jnp.float32)))
+            grad = grad if isinstance(grad, torch.Tensor) else as_torch(grad)  # compared on the device
             error = max(abs(loss - reference[0]) / max(abs(reference[0]), 1e-6),
-                        float(np.abs(grad - reference[1]).max() / np.abs(reference[1]).max()))
+                        float((grad.float() - reference[1]).abs().max() / reference[1].abs().max()))
             limit = 2e-4 if dtype == "float32" else 2e-2  # bfloat16 gradients: 8 bits of mantissa
             if not error <= limit:
                 raise SystemExit(f"{label} ({dtype}): differs from the float32 reference by {error:.2e} (> {limit})")
@@ -279,10 +339,12 @@ def linear_logprobs_rows(smoke: bool, emit_rows) -> list[dict]:
         h.grad = w.grad = None
         logits = (h @ w).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ty[..., None])[..., 0]
-        (logp * tg).sum().backward()
+        loss = (logp * tg).sum()
+        loss.backward()
         sync()
+        return float(loss)
 
-    torch_call()
+    torch_value = torch_call()
     if device == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -305,6 +367,9 @@ def linear_logprobs_rows(smoke: bool, emit_rows) -> list[dict]:
         analysis = compiled.memory_analysis()
         memory = None if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
         value = float(compiled(hidden, weight)[0])
+        # The same loss (bfloat16 operands, float32 softmax) on both sides, to bf16 matmul rounding.
+        if not abs(value - torch_value) <= 2e-2 * max(abs(torch_value), 1.0):
+            raise SystemExit(f"linear {label}: loss {value} differs from PyTorch's {torch_value}")
         ms = median_ms(lambda compiled=compiled: jax.block_until_ready(compiled(hidden, weight)),
                        repeats=shapes["repeats"])
         out.append(dict(what=f"from hidden [{rows_n}, {width}] x [{width}, {vocab}]", dtype="bfloat16", side=label,
@@ -401,7 +466,7 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
                          np.ones((n, t), np.int32), rng.random(n, dtype=np.float32), np.ones(n, bool))
     device = jax.devices()[0]
     peak = next((v for name, v in PEAK_BF16.items() if name in device.device_kind), None)
-    rows, train_batch = [], None
+    rows, train_batch, profile = [], None, None
     for remat in ("none", "layer", "dots_with_no_batch_dims_saveable"):
         policy = models.from_config(hf_config, dtype=jnp.float32, rngs=nnx.Rngs(0))
         policy.set_execution(remat=remat)
@@ -420,8 +485,13 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
         update = jax.jit(functools.partial(update_step, algorithm, optimizer))
         compiled = update.lower(state, train_batch).compile()
         analysis = compiled.memory_analysis()
-        ms = median_ms(lambda: jax.block_until_ready(compiled(state, train_batch)[1][1]["loss/total"]), warmup=1,
-                       repeats=5)
+        run = lambda: jax.block_until_ready(compiled(state, train_batch)[1][1]["loss/total"])  # noqa: E731
+        ms = median_ms(run, warmup=1, repeats=5)
+        if remat == "none" and jax.default_backend() != "cpu":  # where the update's device time goes
+            try:
+                profile = device_profile(run, compiled.as_text())
+            except Exception as e:  # noqa: BLE001 - the table stands without it
+                profile = {"error": f"{type(e).__name__}: {e}"}
         tokens = n * (p + t)
         heads = hf_config.num_attention_heads
         width = heads * (getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
@@ -433,7 +503,8 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
                          temp_gb=None if analysis is None else analysis.temp_size_in_bytes / 2**30,
                          params_m=num_params / 1e6))
         print(f"update remat={remat}: {ms:.1f} ms, {tokens / ms * 1e3:,.0f} tok/s, MFU {rows[-1]['mfu']}", flush=True)
-        result = emit({"rows": rows, "shape": dict(prompts=prompts, samples=k, prompt=p, completion=t), "peak": peak})
+        result = emit({"rows": rows, "shape": dict(prompts=prompts, samples=k, prompt=p, completion=t), "peak": peak,
+                       "profile": profile})
         del state, compiled, params
     return result
 
@@ -679,6 +750,16 @@ def render_update(r, args) -> list[str]:
         mfu = "n/a" if row["mfu"] is None else f"**{row['mfu']:.1%}**"
         temp = "n/a" if row["temp_gb"] is None else f"{row['temp_gb']:.1f}"
         out.append(f"| {row['remat']} | {row['ms']:.1f} | {row['tokens_per_s']:,.0f} | {mfu} | {temp} |")
+    profile = r.get("profile")
+    if profile and "error" not in profile and not profile["top"]:
+        out += ["", f"(The profile had no 'XLA Ops' events; its device lines: {profile['lines']}.)"]
+    elif profile and "error" not in profile:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(profile["by_kind"].items(), key=lambda kv: -kv[1]))
+        out += ["", f"Where the update's device time goes (remat none, a JAX profile of 3 calls, ms per call): "
+                f"{profile['device_ms']:.1f} busy; {kinds}. Costliest ops:", ""]
+        out += [f"- `{name}` ({kind}): {ms:.2f} ms" for name, kind, ms in profile["top"]]
+    elif profile:
+        out += ["", f"(No profile: {profile['error']}.)"]
     return out + [""]
 
 
