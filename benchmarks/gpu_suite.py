@@ -68,6 +68,13 @@ def small_model_config(config: dict) -> dict:
 # -- shared helpers --------------------------------------------------------------------------------
 
 
+START = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
+
+
 def emit(result: dict) -> dict:
     """Print a stage's results so far: a stage stopped at its time limit still reports what it measured."""
     print(RESULT + json.dumps(result), flush=True)
@@ -149,39 +156,27 @@ def random_model_dir(workdir: Path, smoke: bool) -> Path:
     return path
 
 
-def op_categories(hlo_text: str) -> dict[str, str]:
-    """`{instruction name: what it is}` from a compiled program's HLO text: matmuls (cuBLAS or
-    Triton GEMMs), cuDNN attention, reduction and elementwise fusions, the rest."""
-    import re
-
-    kinds = {}
-    for line in hlo_text.splitlines():
-        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? (fusion|custom-call|[a-z\-]+)\(", line)
-        if not match:
-            continue
-        name, op = match.groups()
-        if "gemm" in line or "cublas" in line or op in ("dot", "convolution"):
-            kind = "matmul"
-        elif "cudnn" in line:
-            kind = "attention (cuDNN)"
-        elif op == "fusion" and "kind=kInput" in line:
-            kind = "reduction fusion"
-        elif op == "fusion":
-            kind = "elementwise fusion"
-        else:
-            kind = op
-        kinds[name] = kind
-    return kinds
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel is, from its name (XLA names fusions after their kind; cuBLAS, cuDNN and
+    Triton GEMMs name themselves)."""
+    lowered = name.lower()
+    for kind, marks in (("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "dot")),
+                        ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+                        ("copy / memset", ("memcpy", "memset", "copy", "transpose")),
+                        ("reduction fusion", ("reduce", "reduction", "input_")),
+                        ("elementwise fusion", ("fusion", "loop_", "wrapped_", "convert", "add", "multiply"))):
+        if any(mark in lowered for mark in marks):
+            return kind
+    return "other"
 
 
-def device_profile(call, hlo_text: str, calls: int = 3, top: int = 10) -> dict:
+def device_profile(call, calls: int = 3, top: int = 12) -> dict:
     """Where `call`'s device time goes, from a JAX profile of `calls` calls: ms per call by kind of
-    op (`op_categories`) and the costliest ops, read from the GPU's "XLA Ops" events."""
+    kernel (`kernel_kind`) and the costliest kernels, from the events on the device's planes."""
     import glob
 
     import jax
 
-    kinds = op_categories(hlo_text)
     with tempfile.TemporaryDirectory() as trace_dir:
         call()
         jax.profiler.start_trace(trace_dir)
@@ -190,24 +185,20 @@ def device_profile(call, hlo_text: str, calls: int = 3, top: int = 10) -> dict:
         jax.profiler.stop_trace()
         (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         profile = jax.profiler.ProfileData.from_file(path)
-    per_op, lines_seen = {}, set()
+    per_kernel = {}
     for plane in profile.planes:
         if not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
-            lines_seen.add(f"{plane.name}/{line.name}")
-            if line.name != "XLA Ops":
-                continue
-            for event in line.events:
-                per_op[event.name] = per_op.get(event.name, 0.0) + event.duration_ns / 1e6 / calls
+            if line.name.startswith("Stream"):  # the kernels as they ran (other lines group them)
+                for event in line.events:
+                    per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.duration_ns / 1e6 / calls
     by_kind = {}
-    for name, ms in per_op.items():
-        kind = kinds.get(name.split(":")[0].lstrip("%"), "other")
-        by_kind[kind] = by_kind.get(kind, 0.0) + ms
-    costly = sorted(per_op, key=per_op.get, reverse=True)[:top]
-    return {"device_ms": sum(per_op.values()), "by_kind": by_kind,
-            "top": [(name, kinds.get(name.split(":")[0].lstrip("%"), "other"), per_op[name]) for name in costly],
-            "lines": sorted(lines_seen)[:12]}
+    for name, ms in per_kernel.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    costly = sorted(per_kernel, key=per_kernel.get, reverse=True)[:top]
+    return {"device_ms": sum(per_kernel.values()), "by_kind": by_kind, "kernels": len(per_kernel),
+            "top": [(name[:90], kernel_kind(name), per_kernel[name]) for name in costly]}
 
 
 # -- 1. objectives from logits and from hidden states -----------------------------------------------
@@ -250,7 +241,7 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
         return rl.rloo_loss(logp, ref, scores, mask, num_samples=k, kl_coef=beta)[0]
 
     rows, reference = [], None
-    for dtype in ("float32", "bfloat16"):
+    for dtype in os.environ.get("GPU_SUITE_DTYPES", "float32,bfloat16").split(","):
         logits = base.astype(dtype)
         t_logits = as_torch(logits)
         if reference is None or dtype == "bfloat16":  # the reference: float32 eager on these very logits
@@ -302,7 +293,7 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
             del grad
             ms = median_ms(call, repeats=shapes["repeats"])
             rows.append(dict(what=f"RLOO from logits {n}x{t}x{vocab}", dtype=dtype, side=label, ms=ms, error=error))
-            print(f"objectives {dtype} {label}: {ms:.2f} ms (error {error:.1e})", flush=True)
+            say(f"objectives {dtype} {label}: {ms:.2f} ms (error {error:.1e})")
             emit({"rows": rows})
         del t_logits, logits
     rows += linear_logprobs_rows(smoke, lambda more: emit({"rows": rows + more}))
@@ -374,7 +365,7 @@ def linear_logprobs_rows(smoke: bool, emit_rows) -> list[dict]:
                        repeats=shapes["repeats"])
         out.append(dict(what=f"from hidden [{rows_n}, {width}] x [{width}, {vocab}]", dtype="bfloat16", side=label,
                         ms=ms, memory=memory, value=value))
-        print(f"linear {label}: {ms:.2f} ms, memory {memory}", flush=True)
+        say(f"linear {label}: {ms:.2f} ms, memory {memory}")
         emit_rows(out)
     del np
     return out
@@ -395,6 +386,7 @@ def stage_sampler(smoke: bool, workdir: Path) -> dict:
 
     prompts, prompt_len, new = SHAPES[smoke]["sampler"]
     path = random_model_dir(workdir, smoke)
+    say("sampler: model saved")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = qwen_config(smoke)["vocab_size"]
     ids = np.random.default_rng(0).integers(3, vocab, (prompts, prompt_len)).astype(np.int32)
@@ -411,7 +403,9 @@ def stage_sampler(smoke: bool, workdir: Path) -> dict:
             jax.block_until_ready(out.tokens)
             return out
 
+        say(f"sampler {dtype}: ours loaded")
         assert ours_call().tokens.shape == (prompts, new)
+        say(f"sampler {dtype}: ours compiled and ran once")
         ours_ms = median_ms(ours_call, warmup=1, repeats=3)
         del ours
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
@@ -424,7 +418,9 @@ def stage_sampler(smoke: bool, workdir: Path) -> dict:
             sync()
             return out
 
+        say(f"sampler {dtype}: ours {ours_ms:.0f} ms; transformers loaded")
         assert tuple(hf_call().shape) == (prompts, prompt_len + new)
+        say(f"sampler {dtype}: transformers ran once")
         hf_ms = median_ms(hf_call, warmup=0, repeats=2)
         del hf
         if device == "cuda":
@@ -432,8 +428,7 @@ def stage_sampler(smoke: bool, workdir: Path) -> dict:
         tokens = prompts * new
         rows.append(dict(dtype=dtype, ours_tps=tokens / ours_ms * 1e3, hf_tps=tokens / hf_ms * 1e3,
                          ours_ms=ours_ms, hf_ms=hf_ms))
-        print(f"sampler {dtype}: ours {tokens / ours_ms * 1e3:,.0f} tok/s, generate {tokens / hf_ms * 1e3:,.0f}",
-              flush=True)
+        say(f"sampler {dtype}: ours {tokens / ours_ms * 1e3:,.0f} tok/s, generate {tokens / hf_ms * 1e3:,.0f}")
         emit({"rows": rows, "shape": dict(prompts=prompts, prompt_len=prompt_len, new=new)})
     return {"rows": rows, "shape": dict(prompts=prompts, prompt_len=prompt_len, new=new)}
 
@@ -467,7 +462,7 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
     device = jax.devices()[0]
     peak = next((v for name, v in PEAK_BF16.items() if name in device.device_kind), None)
     rows, train_batch, profile = [], None, None
-    for remat in ("none", "layer", "dots_with_no_batch_dims_saveable"):
+    for remat in os.environ.get("GPU_SUITE_REMAT", "none,layer,dots_with_no_batch_dims_saveable").split(","):
         policy = models.from_config(hf_config, dtype=jnp.float32, rngs=nnx.Rngs(0))
         policy.set_execution(remat=remat)
         graphdef, params = nnx.split(policy)
@@ -483,13 +478,15 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
         if train_batch is None:  # the reference forward does not depend on remat
             _, train_batch, _ = jax.jit(algorithm.prepare)(state, batch)
         update = jax.jit(functools.partial(update_step, algorithm, optimizer))
+        say(f"update remat={remat}: prepared")
         compiled = update.lower(state, train_batch).compile()
+        say(f"update remat={remat}: compiled")
         analysis = compiled.memory_analysis()
         run = lambda: jax.block_until_ready(compiled(state, train_batch)[1][1]["loss/total"])  # noqa: E731
         ms = median_ms(run, warmup=1, repeats=5)
-        if remat == "none" and jax.default_backend() != "cpu":  # where the update's device time goes
+        if profile is None and jax.default_backend() != "cpu":  # where the update's device time goes
             try:
-                profile = device_profile(run, compiled.as_text())
+                profile = device_profile(run)
             except Exception as e:  # noqa: BLE001 - the table stands without it
                 profile = {"error": f"{type(e).__name__}: {e}"}
         tokens = n * (p + t)
@@ -502,7 +499,7 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
                          mfu=None if peak is None else flops / (ms / 1e3) / peak,
                          temp_gb=None if analysis is None else analysis.temp_size_in_bytes / 2**30,
                          params_m=num_params / 1e6))
-        print(f"update remat={remat}: {ms:.1f} ms, {tokens / ms * 1e3:,.0f} tok/s, MFU {rows[-1]['mfu']}", flush=True)
+        say(f"update remat={remat}: {ms:.1f} ms, {tokens / ms * 1e3:,.0f} tok/s, MFU {rows[-1]['mfu']}")
         result = emit({"rows": rows, "shape": dict(prompts=prompts, samples=k, prompt=p, completion=t), "peak": peak,
                        "profile": profile})
         del state, compiled, params
@@ -552,11 +549,13 @@ def stage_trl_ours(smoke: bool, workdir: Path) -> dict:
     ])
     trainer = Trainer(config)
     times = []
+    say("trl_ours: trainer built")
     for _ in range(warmup + steps):
         start = time.perf_counter()
         trainer.step()
         jax.block_until_ready(trainer.state)
         times.append(time.perf_counter() - start)
+        say(f"trl_ours: step {len(times)} took {times[-1]:.2f} s")
     return {"times": times[warmup:], "first_step_s": times[0]}
 
 
@@ -588,12 +587,15 @@ def stage_trl(smoke: bool, workdir: Path) -> dict:
             self.times.append(time.perf_counter() - self.start)
 
     timer = StepTimer()
+    # TRL turns gradient checkpointing on by default; transformers 5.2x renamed the field.
+    fields = {f.name for f in __import__("dataclasses").fields(RLOOConfig)}
+    no_checkpointing = {name: False for name in ("activation_checkpointing", "gradient_checkpointing") if name in fields}
     with tempfile.TemporaryDirectory() as tmp:
         args = RLOOConfig(
             output_dir=tmp, max_steps=warmup + steps, seed=0, per_device_train_batch_size=prompts * k,
             gradient_accumulation_steps=1, num_generations=k, num_iterations=1, max_completion_length=new,
             temperature=1.0, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=0.05,
-            bf16=torch.cuda.is_available(), activation_checkpointing=False, shuffle_dataset=False,
+            bf16=torch.cuda.is_available(), shuffle_dataset=False, **no_checkpointing,
             use_cpu=not torch.cuda.is_available(), logging_strategy="no", save_strategy="no", report_to="none",
             disable_tqdm=True, dataloader_num_workers=0)
         trainer = RLOOTrainer(model=model, reward_funcs=length_reward, args=args,
@@ -751,12 +753,10 @@ def render_update(r, args) -> list[str]:
         temp = "n/a" if row["temp_gb"] is None else f"{row['temp_gb']:.1f}"
         out.append(f"| {row['remat']} | {row['ms']:.1f} | {row['tokens_per_s']:,.0f} | {mfu} | {temp} |")
     profile = r.get("profile")
-    if profile and "error" not in profile and not profile["top"]:
-        out += ["", f"(The profile had no 'XLA Ops' events; its device lines: {profile['lines']}.)"]
-    elif profile and "error" not in profile:
+    if profile and "error" not in profile:
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(profile["by_kind"].items(), key=lambda kv: -kv[1]))
         out += ["", f"Where the update's device time goes (remat none, a JAX profile of 3 calls, ms per call): "
-                f"{profile['device_ms']:.1f} busy; {kinds}. Costliest ops:", ""]
+                f"{profile['device_ms']:.1f} in {profile['kernels']} distinct kernels; {kinds}. Costliest kernels:", ""]
         out += [f"- `{name}` ({kind}): {ms:.2f} ms" for name, kind, ms in profile["top"]]
     elif profile:
         out += ["", f"(No profile: {profile['error']}.)"]
@@ -795,6 +795,8 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {list(STAGES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device: checks the suite itself")
     parser.add_argument("--scale-budget", type=float, default=1.0, help="multiply every stage's time limit")
+    parser.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
+                        help="one stage's time limit (repeatable)")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -810,6 +812,11 @@ def main() -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}, expected some of {list(STAGES)}")
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in BUDGET or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--budget: got {item!r}, expected STAGE=SECONDS with STAGE one of {list(STAGES)}")
+        BUDGET[name] = float(seconds)
     out = Path(args.out)
     copy = Path(os.environ["OUT"]) / out.name if os.environ.get("OUT") else None
     results, start = {}, time.perf_counter()

@@ -96,10 +96,11 @@ def test_logits_kernel_gradients_equal_the_plain_formula(chunk_size, platform):
         grad(lambda z: plain(z)[1], b["g_entropy"]), atol=1e-5)
 
 
-def test_bfloat16_logits_get_a_bfloat16_gradient_computed_in_float32():
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_bfloat16_logits_get_a_bfloat16_gradient_computed_in_float32(platform):
     b = batch()
     z = (b["hidden"] @ b["unembedding"]).astype(jnp.bfloat16)
-    g = jax.grad(lambda z: jnp.sum(jaxrl_llm.token_logprobs(z, b["tokens"]) * b["g_logp"]))(z)
+    g = lowered_for(platform, jax.grad(lambda z: jnp.sum(jaxrl_llm.token_logprobs(z, b["tokens"]) * b["g_logp"])))(z)
     want = jax.grad(lambda z: jnp.sum(plain_logprobs_and_entropy(z, b["tokens"])[0] * b["g_logp"]))(
         z.astype(jnp.float32))
     assert g.dtype == jnp.bfloat16

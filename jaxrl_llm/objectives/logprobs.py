@@ -264,18 +264,57 @@ def _column(z, tokens):
     return jnp.take_along_axis(z, jnp.clip(tokens, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
 
 
-def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None):
-    """The cotangent of z [R, Vb], a block of the logits; `token_index` [R]: each row's token's
-    column in the block, or any index outside [0, Vb) when the block does not hold it."""
-    log_p = z - lse[:, None]
-    p = jnp.exp(log_p)
-    dz = -p * g_logp[:, None]
-    if g_entropy is not None:
-        # p (log p + H) is 0 where p is (a -inf logit): never 0 * -inf.
-        dz = dz - jnp.where(p > 0, (g_entropy[:, None] * p) * (log_p + entropy[:, None]), 0.0)
-    # + g_logp at each row's token, if this block holds it (a scatter: no [R, Vb] one-hot).
-    outside = (token_index < 0) | (token_index >= z.shape[-1])
-    return dz.at[jnp.arange(z.shape[0]), jnp.where(outside, z.shape[-1], token_index)].add(g_logp, mode="drop")
+def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None, *, scale=1.0, dtype=jnp.float32):
+    """`scale * dL/dz` in `dtype`, for z [R, Vb] a block of the logits; `token_index` [R]: each row's
+    token's column in the block, or any index outside [0, Vb) when the block does not hold it.
+
+    dL/dz = g_logp (onehot(y) - p) - g_H p (log p + H). The one-hot term is a scatter of R values
+    on CPU (no [R, Vb] compare); on an accelerator a compare inside the one elementwise pass, so
+    that the scaled, cast cotangent is written once (a scatter between the pass and the cast
+    would write and read the [R, Vb] float32 cotangent twice more)."""
+    with_entropy = g_entropy is not None
+
+    def cotangent(z, lse, g_logp, entropy, g_entropy):
+        log_p = z - lse[:, None]
+        p = jnp.exp(log_p)
+        dz = -p * g_logp[:, None]
+        if with_entropy:
+            # p (log p + H) is 0 where p is (a -inf logit): never 0 * -inf.
+            dz = dz - jnp.where(p > 0, (g_entropy[:, None] * p) * (log_p + entropy[:, None]), 0.0)
+        return dz
+
+    def scattered(z, token_index, lse, g_logp, entropy, g_entropy, scale):
+        dz = cotangent(z, lse, g_logp, entropy, g_entropy)
+        outside = (token_index < 0) | (token_index >= z.shape[-1])
+        dz = dz.at[jnp.arange(z.shape[0]), jnp.where(outside, z.shape[-1], token_index)].add(g_logp, mode="drop")
+        return (dz * scale).astype(dtype)
+
+    def fused(z, token_index, lse, g_logp, entropy, g_entropy, scale):
+        dz = cotangent(z, lse, g_logp, entropy, g_entropy)
+        hit = jnp.arange(z.shape[-1])[None, :] == token_index[:, None]
+        return ((dz + jnp.where(hit, g_logp[:, None], 0.0)) * scale).astype(dtype)
+
+    zeros = jnp.zeros_like(lse)
+    args = (z, token_index, lse, g_logp, entropy if with_entropy else zeros, g_entropy if with_entropy else zeros,
+            scale)
+    return lax.platform_dependent(*args, cpu=scattered, default=fused)
+
+
+def _vocab_loop(lower: int, upper: int, body, carry):
+    """`body(i, carry) -> carry` for the vocabulary blocks lower..upper-1: a `fori_loop` on CPU (one
+    block's temporaries at a time), unrolled on an accelerator, where the few blocks' static
+    slices let XLA schedule the matmuls freely and no loop runs per block."""
+    def rolled(carry):
+        return lax.fori_loop(lower, upper, body, carry)
+
+    def unrolled(carry):
+        for i in range(lower, upper):
+            carry = body(i, carry)
+        return carry
+
+    if upper - lower <= 1:
+        return unrolled(carry)
+    return lax.platform_dependent(carry, cpu=rolled, default=unrolled)
 
 
 # --- from logits ----------------------------------------------------------------------------
@@ -329,9 +368,10 @@ def _fused_logits_bwd(block, with_entropy, saved, cotangents):
     logits, tokens, temperature, lse, entropy = saved
     g_logp, g_entropy = cotangents
     z = _checks.as_float(logits) / temperature
-    dz = _logit_cotangent(z, tokens, lse, g_logp, *((entropy, g_entropy) if with_entropy else ()))
     # Blocks would only add a copy: a scan writes each block out and then into the stacked result.
-    return (dz / temperature).astype(logits.dtype), None, None
+    dz = _logit_cotangent(z, tokens, lse, g_logp, *((entropy, g_entropy) if with_entropy else ()),
+                          scale=1.0 / temperature, dtype=logits.dtype)
+    return dz, None, None
 
 
 _fused_logits.defvjp(_fused_logits_fwd, _fused_logits_bwd)
@@ -394,8 +434,7 @@ def _linear_stats(hidden, unembedding, tokens, temperature, softcap, block, voca
             mean = (a * (mean_shifted + peak - new_peak) + b * (b_mean + b_peak - new_peak)) / (a + b)
             return z_y + b_z_y, new_peak, a + b, mean
 
-        if count > 1:
-            z_y, peak, total, mean_shifted = lax.fori_loop(1, count, merge, (z_y, peak, total, mean_shifted))
+        z_y, peak, total, mean_shifted = _vocab_loop(1, count, merge, (z_y, peak, total, mean_shifted))
         log_total = jnp.log(total)
         return carry, (z_y - peak - log_total, peak + log_total, log_total - mean_shifted)
 
@@ -424,18 +463,21 @@ def _fused_linear_bwd(softcap, block, vocab_block, saved, cotangents):
             d_h, d_unembedding = acc
             start = _block_start(i, width, vocab)
             z, capped = _block_logits(h, unembedding, start, width, softcap, temperature)
-            dz = _logit_cotangent(z, jnp.where(y >= i * width, y - start, -1), lse, g_logp, entropy, g_entropy)
+            # d raw / dz: 1 / temperature, times the soft-cap's derivative; 0 on the columns the
+            # previous (overlapped) block already covered.
+            scale = 1.0 / temperature if softcap is None else (1.0 - capped * capped) / temperature
             if count > 1:
-                dz = jnp.where(_column_mask(i, start, width), dz, 0.0)
-            d_raw = dz / temperature if softcap is None else dz * ((1.0 - capped * capped) / temperature)
+                scale = jnp.where(_column_mask(i, start, width), scale, 0.0)
             w = lax.dynamic_slice_in_dim(unembedding, start, width, axis=1)
-            d_h = d_h + jnp.einsum("rv,dv->rd", d_raw.astype(w.dtype), w, preferred_element_type=jnp.float32)
-            d_w = jnp.einsum("rd,rv->dv", h.astype(w.dtype), d_raw.astype(w.dtype), preferred_element_type=jnp.float32)
+            d_raw = _logit_cotangent(z, jnp.where(y >= i * width, y - start, -1), lse, g_logp, entropy, g_entropy,
+                                     scale=scale, dtype=w.dtype)
+            d_h = d_h + jnp.einsum("rv,dv->rd", d_raw, w, preferred_element_type=jnp.float32)
+            d_w = jnp.einsum("rd,rv->dv", h.astype(w.dtype), d_raw, preferred_element_type=jnp.float32)
             previous = lax.dynamic_slice_in_dim(d_unembedding, start, width, axis=1)
             return d_h, lax.dynamic_update_slice_in_dim(d_unembedding, previous + d_w, start, axis=1)
 
         acc = (jnp.zeros(h.shape, jnp.float32), d_unembedding)
-        d_h, d_unembedding = vocab_step(0, acc) if count == 1 else lax.fori_loop(0, count, vocab_step, acc)
+        d_h, d_unembedding = _vocab_loop(0, count, vocab_step, acc)
         return d_unembedding, d_h.astype(h.dtype)
 
     d_unembedding = jnp.zeros(unembedding.shape, jnp.float32)
