@@ -181,26 +181,31 @@ def _scan_row_blocks(fn, carry, inputs, block):
     return carry, out
 
 
-def _row_stats(z, tokens, with_entropy):
+def _row_stats(z, tokens, with_entropy, source_bytes: int = 4):
     """`(z[y] - max, max, log sum e^(z - max), sum p (z - max) or None)` per row of z [R, Vb].
     Shifted by the row's max, as log_softmax does: nothing large cancels.
 
     How the reductions run is chosen by the platform the program is lowered for
-    (`lax.platform_dependent`), never by the host: XLA:CPU gets two cache-friendly passes, an
-    accelerator one fused pass (see `_row_stats_one_pass`)."""
+    (`lax.platform_dependent`), never by the host: XLA:CPU gets two cache-friendly passes; an
+    accelerator one fused pass over float32 logits (`_row_stats_one_pass`) and XLA's two plain
+    reductions over 2-byte ones (`source_bytes`: the logits' itemsize before the float32 cast),
+    which read half the bytes, so the one pass's extra exponentials no longer pay for the
+    second read (H200, [16384, 151936] logits, loss and gradient: float32 8.4 ms one pass vs
+    9.6 two; bfloat16 6.8 vs 6.2; benchmarks/results/gpu_suite.md)."""
     def two_pass(z, tokens):
         return _row_stats_two_pass(z, tokens, with_entropy)
 
     def one_pass(z, tokens):
         return _row_stats_one_pass(z, tokens, with_entropy)
 
-    accelerator = one_pass if ACCELERATOR_ROW_STATS == "one_pass" else two_pass
+    choice = ACCELERATOR_ROW_STATS or ("one_pass" if source_bytes >= 4 else "two_pass")
+    accelerator = one_pass if choice == "one_pass" else two_pass
     return lax.platform_dependent(z, tokens, cpu=two_pass, default=accelerator)
 
 
-# The accelerators' forward: "one_pass" (the default), or "two_pass" (max, then the sum of
-# exponentials: XLA's plain reductions), which benchmarks/gpu_suite.py times beside it.
-ACCELERATOR_ROW_STATS = "one_pass"
+# The accelerators' forward: None (by the logits' dtype, see `_row_stats`), or "one_pass" /
+# "two_pass" for every dtype (benchmarks/gpu_suite.py times both).
+ACCELERATOR_ROW_STATS = None
 
 
 def _row_stats_two_pass(z, tokens, with_entropy):
@@ -338,7 +343,8 @@ def _logits_stats(logits, tokens, temperature, chunk_size, with_entropy):
     lowered for: cache-sized on CPU, `chunk_size` rows (None: all) on an accelerator."""
     def in_blocks(block):
         def stats(carry, x, y, temperature):
-            target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy)
+            target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy,
+                                                               jnp.dtype(x.dtype).itemsize)
             entropy = None if mean_shifted is None else log_total - mean_shifted
             return carry, (target - log_total, peak + log_total, entropy)
 
