@@ -332,7 +332,11 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "checkpoint_dots_with_no_batch_dims",
 )
-REMAT_CHOICES = ("none", "layer", *REMAT_POLICIES)
+REMAT_CHOICES = ("auto", "none", "layer", *REMAT_POLICIES)
+# "auto" on an accelerator: keep the matmul outputs, recompute the elementwise ops between them
+# (H200, RLOO update of a 0.5B model: 472 ms and 40.5 GiB of temporaries, against 497 ms and 63.3 GiB
+# keeping everything and 544 ms / 7.1 GiB recomputing whole layers; benchmarks/results/gpu_suite.md).
+ACCELERATOR_REMAT = "dots_with_no_batch_dims_saveable"
 # "auto" keeps dense attention while one head's float32 scores [S, Lk] hold at most 256 x 256
 # entries (256 KiB): tests, short prompts and decode steps stay on the reference path.
 _DENSE_MAX_SCORES = 256 * 256
@@ -344,8 +348,10 @@ class Execution(NamedTuple):
     Every choice gives the same logits and gradients up to float rounding; they trade memory,
     compute and compile time, which matter only at real model sizes.
 
-    remat: "none"; "layer" (``jax.checkpoint`` around each decoder layer: the backward pass
-      recomputes a layer from its input instead of keeping its activations); or the name of a
+    remat: "auto" (chosen by the platform the program is lowered for: "none" on CPU, where XLA
+      undoes a remat in an unrolled loop anyway, and ``ACCELERATOR_REMAT`` on GPU/TPU); "none";
+      "layer" (``jax.checkpoint`` around each decoder layer: the backward pass recomputes a layer
+      from its input instead of keeping its activations); or the name of a
       ``jax.checkpoint_policies`` policy (e.g. "dots_with_no_batch_dims_saveable") to keep what it
       allows. Calls with a KV cache never remat (they are not differentiated). Pair it with
       ``scan_layers``: in an unrolled loop XLA may schedule the recomputation early (XLA:CPU does,
@@ -362,7 +368,7 @@ class Execution(NamedTuple):
     attention_block: query rows per block of "blockwise" attention.
     """
 
-    remat: str = "none"
+    remat: str = "auto"
     scan_layers: bool = False
     attention: str = "auto"
     attention_block: int = 512
@@ -793,6 +799,14 @@ def run_layers(
     layers run under ``execution.remat`` and, for all positions, ``execution.scan_layers``.
     Returns (x [B, S or 1, D], new kv list or None).
     """
+    if kv is None and execution.remat == "auto":
+        # Chosen by the platform the program is lowered for, around the whole stack: a choice per
+        # layer inside a scan would make every step keep both branches' residuals.
+        def stack(remat):
+            options = execution._replace(remat=remat)
+            return lambda x: run_layers(decoder_layers, x, ctx, None, last_only=last_only, execution=options)[0]
+
+        return jax.lax.platform_dependent(x, cpu=stack("none"), default=stack(ACCELERATOR_REMAT)), None
     ctx = ctx._replace(execution=execution)
     if kv is None and not last_only and execution.scan_layers:
         return scan_layers(decoder_layers, x, ctx, remat=execution.remat), None

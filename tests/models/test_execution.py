@@ -234,6 +234,7 @@ def _max_rel_diff(grads, ref):
 
 
 REMAT_SCAN_OPTIONS = [
+    dict(remat="none"),
     dict(remat="layer"),
     dict(remat="dots_with_no_batch_dims_saveable"),
     dict(scan_layers=True),
@@ -288,6 +289,30 @@ def test_remat_under_scan_layers_compiles_to_less_memory():
 
     plain, remat = temp_bytes(scan_layers=True), temp_bytes(scan_layers=True, remat="layer")
     assert remat * 2 < plain, (remat, plain)
+
+
+def test_auto_remat_is_chosen_by_the_platform_the_program_is_lowered_for():
+    """remat="auto" compiles to the accelerator policy's program when lowered for cuda (from this CPU
+    host) and to no remat when lowered for cpu: the same temporaries as the explicit choices."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512,
+    )
+    ids = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+
+    def temp_bytes(platform, remat):
+        graphdef, state = nnx.split(models.from_config(cfg).set_execution(attention="dense", scan_layers=True,
+                                                                           remat=remat))
+        grad = jax.jit(jax.grad(lambda state, ids: jnp.sum(nnx.merge(graphdef, state)(ids))))
+        stats = grad.trace(state, ids).lower(lowering_platforms=(platform,)).compile().memory_analysis()
+        if stats is None:
+            pytest.skip("memory_analysis() is not available on this backend")
+        return stats.temp_size_in_bytes
+
+    assert layers.Execution().remat == "auto"
+    assert temp_bytes("cuda", "auto") == temp_bytes("cuda", layers.ACCELERATOR_REMAT)
+    assert temp_bytes("cpu", "auto") == temp_bytes("cpu", "none")
+    assert temp_bytes("cuda", layers.ACCELERATOR_REMAT) < temp_bytes("cuda", "none")
 
 
 def test_scan_layers_over_a_repeating_pattern_with_leftover_layers():
