@@ -219,9 +219,10 @@ def _row_stats_two_pass(z, tokens, with_entropy):
     if with_entropy:
         # A second reduction that recomputes exp: sharing it with the first would make XLA:CPU
         # write the [R, Vb] exponentials out and read them back twice.
-        shifted2 = lax.optimization_barrier(shifted)
-        # A -inf logit (a masked vocabulary entry) has p log p = 0, not 0 * -inf.
-        weighted = jnp.where(shifted2 > -jnp.inf, jnp.exp(shifted2) * shifted2, 0.0)
+        # A -inf logit (a masked vocabulary entry) has p log p = 0, not 0 * -inf: held at -1e30
+        # (e^-1e30 is 0 too). A clamp, not a select: XLA:CPU keeps it inside the fused passes.
+        shifted2 = jnp.maximum(lax.optimization_barrier(shifted), -1e30)
+        weighted = jnp.exp(shifted2) * shifted2
         mean_shifted = jnp.sum(weighted, axis=-1) / jnp.exp(log_total)
     return target, peak, log_total, mean_shifted
 
@@ -280,12 +281,12 @@ def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None, 
     with_entropy = g_entropy is not None
 
     def cotangent(z, lse, g_logp, entropy, g_entropy):
-        log_p = z - lse[:, None]
+        # Held at -1e30: p (log p + H) is 0 where p is (a -inf logit), never 0 * -inf.
+        log_p = jnp.maximum(z - lse[:, None], -1e30)
         p = jnp.exp(log_p)
         dz = -p * g_logp[:, None]
         if with_entropy:
-            # p (log p + H) is 0 where p is (a -inf logit): never 0 * -inf.
-            dz = dz - jnp.where(p > 0, (g_entropy[:, None] * p) * (log_p + entropy[:, None]), 0.0)
+            dz = dz - (g_entropy[:, None] * p) * (log_p + entropy[:, None])
         return dz
 
     def scattered(z, token_index, lse, g_logp, entropy, g_entropy, scale):
