@@ -67,20 +67,41 @@ class Linear(nnx.Module):
 
 
 def fused_linear(x: jax.Array, *linears: Linear) -> list[jax.Array]:
-    """``[lin(x) for lin in linears]`` as ONE matmul against the concatenated kernels.
+    """``[lin(x) for lin in linears]`` (q/k/v, gate/up), as ONE matmul against the concatenated
+    kernels where that pays, chosen by the platform the program is lowered for.
 
-    One wide matmul keeps more cores busy than several narrow ones (XLA:CPU runs a
-    [64, 128] x [128, 512] product on one thread, a [64, 128] x [128, 1024] one on two), and
-    inside a decode loop XLA hoists the loop-invariant weight concatenation out of the loop.
+    XLA:CPU, and any platform for a few rows (a decode step): one wide matmul keeps more cores
+    busy than several narrow ones (XLA:CPU runs a [64, 128] x [128, 512] product on one thread, a
+    [64, 128] x [128, 1024] one on two), and in a decode loop XLA hoists the kernels'
+    concatenation out of the loop. An accelerator with many rows (training, prefill) runs one
+    matmul per projection: the fused product's gradient concatenates the projections'
+    cotangents, a full extra pass over the [rows, q + k + v] and [rows, 2 x intermediate]
+    activations (6% of an RLOO update of a 0.5B model on an H200, benchmarks/results/gpu_suite.md).
     """
-    kernels = [lin.kernel[...] for lin in linears]
-    y = x @ jnp.concatenate(kernels, axis=1)
-    if any(lin.bias is not None for lin in linears):
-        y = y + jnp.concatenate(
-            [lin.bias[...] if lin.bias is not None else jnp.zeros(k.shape[1], k.dtype) for lin, k in zip(linears, kernels)]
-        )
-    outs = jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1)
+    kernels = tuple(lin.kernel[...] for lin in linears)
+    biases = tuple(lin.bias[...] if lin.bias is not None else jnp.zeros(k.shape[1], k.dtype)
+                   for lin, k in zip(linears, kernels))
+    with_bias = any(lin.bias is not None for lin in linears)
+
+    def fused(x, kernels, biases):
+        y = x @ jnp.concatenate(kernels, axis=1)
+        if with_bias:
+            y = y + jnp.concatenate(biases)
+        return tuple(jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1))
+
+    def separate(x, kernels, biases):
+        return tuple(x @ k + b if with_bias else x @ k for k, b in zip(kernels, biases))
+
+    rows = math.prod(x.shape[:-1])
+    if rows < _UNFUSED_MIN_ROWS:
+        outs = fused(x, kernels, biases)
+    else:
+        outs = jax.lax.platform_dependent(x, kernels, biases, cpu=fused, default=separate)
     return [out + lin.adapter(x, out.dtype) if lin.lora is not None else out for out, lin in zip(outs, linears)]
+
+
+# Rows from which an accelerator runs one matmul per projection (below it: decode steps, fused).
+_UNFUSED_MIN_ROWS = 1024
 
 
 class Embedding(nnx.Module):

@@ -315,6 +315,24 @@ def test_auto_remat_is_chosen_by_the_platform_the_program_is_lowered_for():
     assert temp_bytes("cuda", layers.ACCELERATOR_REMAT) < temp_bytes("cuda", "none")
 
 
+def test_projections_unfused_on_accelerators_give_the_same_gradient():
+    """q/k/v and gate/up: one concatenated matmul on CPU, one matmul each on a GPU for training-size
+    inputs (lowered for cuda, run here); the same loss and gradients to float32 rounding."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                                   attention_bias=True)
+    graphdef, state = nnx.split(models.from_config(cfg, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.key(0), (4, layers._UNFUSED_MIN_ROWS // 4), 0, 64)
+    loss = jax.jit(jax.value_and_grad(lambda state: jnp.sum(nnx.merge(graphdef, state)(ids) ** 2)))
+    program = {p: loss.trace(state).lower(lowering_platforms=(p,)) for p in ("cpu", "cuda")}
+    assert program["cpu"].as_text().count("stablehlo.concatenate") > program["cuda"].as_text().count(
+        "stablehlo.concatenate")  # the kernels' concatenation is gone
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = (program[p].compile()(state) for p in ("cpu", "cuda"))
+    np.testing.assert_allclose(gpu_loss, cpu_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(gpu_grads), jax.tree.leaves(cpu_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
 def test_scan_layers_over_a_repeating_pattern_with_leftover_layers():
     """Gemma 3 alternating sliding/global layers, 5 of them: two scanned groups of 2, one layer after."""
     types = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
