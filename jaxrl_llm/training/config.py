@@ -170,9 +170,14 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule (`trainer.learning_rate_schedule`). The schedule counts
+    optimizer updates, train.steps x algo.update_epochs x algo.num_minibatches of them: the warmup
+    is `warmup_steps` updates (not RL steps) from 0 to `learning_rate`, and a linear or cosine
+    decay then runs over the remaining updates, ending at the last one."""
+
     learning_rate: float = 1e-6
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer updates of linear warmup
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     b1: float = 0.9
@@ -357,6 +362,7 @@ def validate(config: Config) -> Config:
         (0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]"),
         (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),
         (config.optim.learning_rate > 0, "optim.learning_rate", config.optim.learning_rate, "> 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, ">= 0 optimizer updates"),
         (t.steps >= 0, "train.steps", t.steps, ">= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),

@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,10 @@ class RMTrainConfig:
     epochs: int = 1
     batch_size: int = 32  # pairs per update
     learning_rate: float = 1e-5
+    # The learning-rate schedule over the run's updates, as the policy trainer's optim.schedule:
+    # `warmup_steps` updates of linear warmup, then constant, or a linear / cosine decay that ends
+    # at the last update.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
@@ -100,6 +105,7 @@ def load_rm_config(path: str | Path | None = None, overrides=()) -> RMConfig:
         (t.epochs >= 1, "train.epochs", t.epochs, ">= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
         (t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0 updates"),
         (t.center_rewards_coefficient >= 0, "train.center_rewards_coefficient", t.center_rewards_coefficient, ">= 0"),
         (t.max_length is None or t.max_length >= 2, "train.max_length", t.max_length, "None or >= 2"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, ">= 1"),
@@ -258,6 +264,8 @@ def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float):
 
 def train_reward_model(config: RMConfig) -> dict:
     """Train, evaluate and save; returns the summary (also written to `output_dir/summary.json`)."""
+    from jaxrl_llm.training.trainer import learning_rate_schedule
+
     t = config.train
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,9 +273,7 @@ def train_reward_model(config: RMConfig) -> dict:
     train_pairs, eval_pairs = split_pairs(config, tokenizer)
     graphdef, params = nnx.split(model)
     steps = t.epochs * -(-len(train_pairs) // t.batch_size)
-    schedule = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps else t.learning_rate
-    if t.warmup_steps:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
+    schedule = learning_rate_schedule(t.learning_rate, t.schedule, warmup_steps=t.warmup_steps, total_steps=steps)
     optimizer = optax.chain(*([optax.clip_by_global_norm(t.max_grad_norm)] if t.max_grad_norm else []),
                             optax.adamw(schedule, weight_decay=t.weight_decay))
     opt_state = optimizer.init(params)

@@ -214,18 +214,38 @@ def stop_token_ids(config: Config, tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
+def learning_rate_schedule(learning_rate: float, schedule: str, *, warmup_steps: int, total_steps: int):
+    """The learning rate of optimizer update u = 0, 1, ..., U - 1 (U = `total_steps`): a linear
+    warmup from 0 over the first w = `warmup_steps` updates, then `schedule` over the other U - w,
+
+        constant: lr
+        linear:   lr * (U - u) / (U - w)                      (lr / (U - w) at the last update)
+        cosine:   lr * (1 + cos(pi * (u - w) / (U - w))) / 2
+
+    so that a decay ends at the last update, as optax's `warmup_cosine_decay_schedule` and
+    transformers' `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup` do.
+    Shared by `train` and `train-rm`."""
+    decay_steps = max(total_steps - warmup_steps, 1)  # a warmup as long as the run leaves one step
+    if schedule == "cosine":
+        if warmup_steps:
+            return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, warmup_steps + decay_steps)
+        return optax.cosine_decay_schedule(learning_rate, decay_steps)
+    if schedule == "linear":
+        after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.constant_schedule(learning_rate)
+    if not warmup_steps:
+        return after
+    # optax has no linear warmup + linear decay of its own; join_schedules hands `after` u - w.
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps])
+
+
 def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """AdamW (after gradient clipping) with `learning_rate_schedule` over every optimizer update
+    of the run: train.steps x algo.update_epochs x algo.num_minibatches."""
     o = config.optim
     steps = max(config.train.steps * config.algo.update_epochs * config.algo.num_minibatches, 1)
-    if o.schedule == "constant":
-        schedule = optax.constant_schedule(o.learning_rate)
-    elif o.schedule == "linear":
-        schedule = optax.linear_schedule(o.learning_rate, 0.0, steps)
-    else:
-        schedule = optax.cosine_decay_schedule(o.learning_rate, steps)
-    if o.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), schedule], [o.warmup_steps])
+    schedule = learning_rate_schedule(o.learning_rate, o.schedule, warmup_steps=o.warmup_steps, total_steps=steps)
     chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm else []
     chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*chain)
