@@ -8,6 +8,10 @@ The saved directory is what transformers' `AutoModelForSequenceClassification` l
 equal to ours) and what the RL trainer's `reward.terms[].kind: reward_model` term reads. Texts
 are tokenized exactly as that term tokenizes them (`prompt + response`, then EOS), so the
 model scores RL completions the way it was trained to.
+
+Mixed precision as in the policy trainer: `model.dtype: bfloat16` runs the forward and backward
+passes on a bfloat16 cast of float32 master weights (`model.param_dtype`), which AdamW updates
+and which are saved.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ class RMModelConfig:
 
     path: str = "builtin:tiny_arithmetic"
     gguf_file: str | None = None
+    # The dtype of the forward and backward passes; bfloat16 is mixed precision over `param_dtype`
+    # master weights, as the policy trainer's model.dtype.
     dtype: str = "float32"
+    # The dtype of the trained weights, the AdamW state and the saved model. bfloat16 storage
+    # rounds away AdamW steps below its ulp (most of them at lr 1e-5).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -171,9 +180,10 @@ def load_backbone(config: RMConfig):
     architectures = []
     if gguf_file is None:
         architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
+    # The weights are trained in param_dtype; forward passes cast them to model.dtype.
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return models.reward_model_from_pretrained(directory, dtype=jnp.dtype(m.dtype)), tokenizer
-    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.dtype), gguf_file=gguf_file)
+        return models.reward_model_from_pretrained(directory, dtype=jnp.dtype(m.param_dtype)), tokenizer
+    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.param_dtype), gguf_file=gguf_file)
     return reward_model_from_policy(policy, pad_token_id=tokenizer.pad_token_id, seed=config.train.seed), tokenizer
 
 
@@ -255,9 +265,11 @@ def split_pairs(config: RMConfig, tokenizer) -> tuple[Pairs, Pairs]:
 # -- training --------------------------------------------------------------------------------------
 
 
-def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float):
-    """The Bradley–Terry loss of one batch (chosen rows first, then rejected); filler pairs weigh 0."""
-    scores = nnx.merge(graphdef, params)(ids, mask)
+def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float, compute_dtype=None):
+    """The Bradley–Terry loss of one batch (chosen rows first, then rejected); filler pairs weigh 0.
+    The forward pass runs on `params` cast to `compute_dtype` (None: as they are); the cast is
+    differentiable, so the gradient arrives in the parameters' own dtype."""
+    scores = nnx.merge(graphdef, models.cast_floating(params, compute_dtype))(ids, mask)
     half = scores.shape[0] // 2
     return bradley_terry_loss(scores[:half], scores[half:], margin=margin, center_coef=center_coef, weights=real)
 
@@ -277,7 +289,9 @@ def train_reward_model(config: RMConfig) -> dict:
     optimizer = optax.chain(*([optax.clip_by_global_norm(t.max_grad_norm)] if t.max_grad_norm else []),
                             optax.adamw(schedule, weight_decay=t.weight_decay))
     opt_state = optimizer.init(params)
-    loss_fn = functools.partial(pair_loss, graphdef, center_coef=t.center_rewards_coefficient)
+    m = config.model
+    loss_fn = functools.partial(pair_loss, graphdef, center_coef=t.center_rewards_coefficient,
+                                compute_dtype=None if m.dtype == m.param_dtype else jnp.dtype(m.dtype))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, ids, mask, margin, real):
