@@ -146,17 +146,32 @@ def reward_model_from_policy(policy: models.CausalLM, *, pad_token_id: int | Non
 
 def save_reward_model(model: models.RewardModel, path: str | Path, tokenizer=None) -> Path:
     """`config.json` (a `*ForSequenceClassification` architecture) + `model.safetensors` (+ the
-    tokenizer): what transformers and the trainer's reward_model term load."""
+    tokenizer): what transformers and the trainer's reward_model term load, with equal scores.
+
+    transformers scores a sequence at its last token that is not `pad_token_id`, we at its last
+    attended token; both are the EOS ending it only if the pad id is not EOS's. So the config and
+    the tokenizer written declare a pad id other than EOS (`export_pad_token`)."""
     from safetensors.numpy import save_file
 
     from jaxrl_llm.models.hf_io import _ARCHITECTURES, model_tensors
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = json.loads(model.config_json)
+    eos_ids = {config.get("eos_token_id")} if isinstance(config.get("eos_token_id"), int) else set(
+        config.get("eos_token_id") or ())
+    if tokenizer is not None:
+        tokenizer, pad = export_pad_token(tokenizer, num_embeddings=config["vocab_size"], eos_ids=eos_ids)
+    else:
+        pad = model.pad_token_id
+        if pad is None or pad in eos_ids:
+            pad = config.get("bos_token_id")
+        if pad is None or pad in eos_ids:
+            raise UserError(f"save_reward_model: the model's pad id {model.pad_token_id} is its EOS and it names no "
+                            "other special token; pass the tokenizer, so that a pad token other than EOS is saved.")
+    path.mkdir(parents=True, exist_ok=True)
     causal = _ARCHITECTURES.get(model.model_type, "ForCausalLM")
     config["architectures"] = [causal.replace("ForCausalLM", "ForSequenceClassification")]
-    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=model.pad_token_id,
+    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad,
                   dtype=jnp.dtype(model.dtype).name)
     config.pop("torch_dtype", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -165,6 +180,42 @@ def save_reward_model(model: models.RewardModel, path: str | Path, tokenizer=Non
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
+
+
+EXPORT_PAD_TOKEN = "<|pad|>"
+
+
+def export_pad_token(tokenizer, *, num_embeddings: int, eos_ids=()):
+    """`(tokenizer, pad id)`: a copy of `tokenizer` whose pad token is not EOS (nor any of `eos_ids`).
+
+    A tokenizer without a pad token pads with EOS, and with pad == EOS transformers'
+    `*ForSequenceClassification` would score a sequence ending in EOS at the token before it.
+    The pad is, in order: the tokenizer's own, if it is not EOS; a new `<|pad|>` token with the
+    first id past the tokenizer's vocabulary, when the embedding table (`num_embeddings` rows) has
+    such a row (tokenizing text never produces it); an existing special token other than EOS (BOS
+    first), which never ends a sequence that the reward model scores at its EOS. Raises a
+    UserError when there is none: such an export would score differently in transformers."""
+    import copy
+
+    eos_ids = set(eos_ids) | {tokenizer.eos_token_id}
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos_ids:
+        return tokenizer, tokenizer.pad_token_id
+    size = len(tokenizer)
+    if size < num_embeddings and EXPORT_PAD_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": EXPORT_PAD_TOKEN})  # a new token: id `size`
+        return tokenizer, tokenizer.pad_token_id
+    special = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    candidates = [tokenizer.bos_token, *special]
+    for token in candidates:
+        if token is not None and special.get(token) is not None and special[token] not in eos_ids \
+                and special[token] < num_embeddings:
+            tokenizer.pad_token = token
+            return tokenizer, special[token]
+    raise UserError(f"save_reward_model: the tokenizer pads with EOS (id {tokenizer.eos_token_id}), its vocabulary fills "
+                    f"the {num_embeddings}-row embedding table and it has no special token other than EOS to pad "
+                    "with; transformers would score the exported model at the token before EOS. Give the "
+                    "tokenizer a pad token (tokenizer.pad_token = ...) of a token no scored text ends with.")
 
 
 def load_backbone(config: RMConfig):
@@ -341,4 +392,5 @@ def train_reward_model(config: RMConfig) -> dict:
     return summary
 
 
-__all__ = ["RMConfig", "load_rm_config", "reward_model_from_policy", "save_reward_model", "train_reward_model"]
+__all__ = ["RMConfig", "export_pad_token", "load_rm_config", "reward_model_from_policy", "save_reward_model",
+           "train_reward_model"]

@@ -184,3 +184,52 @@ def test_bf16_compute_keeps_float32_masters_and_every_small_step_lands(tmp_path,
         moved = np.asarray(new) != np.asarray(old.astype(new.dtype))
         changed += moved[got_gradient].sum()
     assert stored == "float32" and changed / touched > 0.99, (stored, changed / touched)
+
+
+def test_an_export_whose_tokenizer_pads_with_eos_scores_as_our_term_in_transformers(tmp_path, tiny_policy_dir):
+    """A tokenizer without a pad token pads with EOS, and train-rm appends EOS. transformers
+    scores a sequence at its last token that is not the config's pad id: the exported directory
+    declares another pad, so that transformers (saved tokenizer, padded batch) scores at the EOS
+    as our reward_model term does."""
+    import shutil
+
+    from jaxrl_llm.training.reward_model import load_backbone, save_reward_model
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(policy_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(policy_dir)
+    model, tokenizer = load_backbone(load_rm_config(None, [f"model.path={policy_dir}", "data.path=unused.jsonl"]))
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos  # how train-rm pads its batches
+    save_reward_model(model, tmp_path / "rm", tokenizer)
+
+    prompts, completions = ["12+30=", "5+5=", "99+1=", "7+7="], ["777", "10", "1000", "4"]
+    task = ArithmeticTask()
+    samples = [Sample(task.train_example(0)._replace(prompt=p), c, True, ()) for p, c in zip(prompts, completions)]
+    ours = np.asarray(reward_model_term(str(tmp_path / "rm"), batch_size=4)(samples))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm")
+    rows = [saved(p + c)["input_ids"] + [eos] for p, c in zip(prompts, completions)]
+    batch = saved.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    assert len({len(r) for r in rows}) > 1  # padded
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert hf.config.pad_token_id == saved.pad_token_id != eos
+
+
+def test_the_exported_pad_is_a_new_id_inside_the_table_or_another_special_token():
+    from jaxrl_llm.tasks.tokenizer import char_tokenizer
+    from jaxrl_llm.training.reward_model import export_pad_token
+
+    tokenizer = char_tokenizer()  # 16 tokens: <pad> 0, <bos> 1, <eos> 2, <unk> 3, ...
+    tokenizer.pad_token = tokenizer.eos_token
+    grown, pad = export_pad_token(tokenizer, num_embeddings=20)  # 4 rows past the vocabulary
+    assert (pad, grown.pad_token, len(grown)) == (16, "<|pad|>", 17)
+    assert tokenizer.pad_token_id == 2 and len(tokenizer) == 16  # the caller's tokenizer is untouched
+    assert export_pad_token(tokenizer, num_embeddings=16)[1] == 1  # a full table: BOS
+    tokenizer.bos_token = tokenizer.unk_token = None
+    with pytest.raises(UserError, match="pads with EOS .* no special token other than EOS"):
+        export_pad_token(tokenizer, num_embeddings=16)
