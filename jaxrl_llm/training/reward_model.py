@@ -78,7 +78,8 @@ class RMTrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     center_rewards_coefficient: float = 0.0  # TRL's: weight of mean((r_c + r_r)^2)
-    max_length: int | None = None  # longest prompt+response in tokens (longer ones keep their end); None: no limit
+    # Longest prompt+response in tokens; a longer one keeps its end (and a leading BOS). None: no limit.
+    max_length: int | None = None
     append_eos: bool = True  # as the trainer's reward_model term scores: with EOS last
     eval_every: int = 50  # updates between held-out evaluations (and one at the end)
     seed: int = 0
@@ -245,6 +246,8 @@ class Pairs:
     """Tokenized pairs: `chosen` and `rejected` token rows (prompt + response + EOS) and margins."""
 
     def __init__(self, rows, config: RMConfig, tokenizer, *, source: str):
+        from jaxrl_llm.training.trainer import truncate_left
+
         d, t = config.data, config.train
         check_columns(rows, config, source)
         eos = tokenizer.eos_token_id if t.append_eos else None
@@ -257,7 +260,9 @@ class Pairs:
                 ids = list(ids)
                 if eos is not None and (not ids or ids[-1] != eos):
                     ids.append(eos)
-                out.append(ids[-t.max_length:] if t.max_length else ids)
+                # As the policy's prompts: the end is kept, and a leading BOS (which the
+                # reward_model term's tokenizer adds too).
+                out.append(truncate_left(ids, t.max_length, tokenizer.bos_token_id) if t.max_length else ids)
             return out
 
         prompts = rows[d.prompt_field]

@@ -263,11 +263,19 @@ def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts
             if long_prompts == "skip":
                 skipped += 1
                 continue
-            head = ids[:1] if bos_id is not None and ids[0] == bos_id and limit > 1 else []
-            ids, truncated = head + ids[len(ids) - limit + len(head):], truncated + 1
+            ids, truncated = truncate_left(ids, limit, bos_id), truncated + 1
         kept.append(example)
         kept_rows.append(ids)
     return kept, kept_rows, truncated, skipped
+
+
+def truncate_left(ids: list[int], limit: int, bos_id: int | None = None) -> list[int]:
+    """The last `limit` tokens of `ids`, or with a leading `bos_id` (and `limit > 1`) that BOS and
+    the last `limit - 1`: models such as Gemma are lost without their BOS."""
+    if len(ids) <= limit:
+        return list(ids)
+    head = list(ids[:1]) if bos_id is not None and ids[0] == bos_id and limit > 1 else []
+    return head + list(ids[len(ids) - limit + len(head):])
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: set[int]):

@@ -233,3 +233,24 @@ def test_the_exported_pad_is_a_new_id_inside_the_table_or_another_special_token(
     tokenizer.bos_token = tokenizer.unk_token = None
     with pytest.raises(UserError, match="pads with EOS .* no special token other than EOS"):
         export_pad_token(tokenizer, num_embeddings=16)
+
+
+def test_truncation_keeps_the_end_and_a_leading_bos():
+    """`train.max_length` cuts a long prompt + response from the left as the policy's prompts are
+    cut (`fit_prompts`): the end is kept, and so is the BOS the tokenizer put first (the
+    reward_model term scores with it)."""
+    import datasets
+    from tokenizers import processors
+
+    from jaxrl_llm.tasks.tokenizer import VOCAB, build_char_tokenizer
+    from jaxrl_llm.training.reward_model import Pairs
+
+    backend = build_char_tokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", VOCAB["<bos>"])])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                                     eos_token="<eos>", unk_token="<unk>")
+    rows = datasets.Dataset.from_list([{"prompt": "12+30+45=", "chosen": "87", "rejected": "77"}])
+    config = load_rm_config(None, ["data.path=unused.jsonl", "train.max_length=6"])
+    pairs = Pairs(rows, config, tokenizer, source="rows")
+    assert tokenizer("12+30+45=87")["input_ids"][0] == VOCAB["<bos>"]
+    assert pairs.chosen == [[VOCAB["<bos>"], *(VOCAB[c] for c in "5=87"), VOCAB["<eos>"]]]
