@@ -165,6 +165,7 @@ class RolloutConfig:
     # Token ids that end a completion besides the tokenizer's and the model's generation config's EOS.
     stop_token_ids: list[int] = field(default_factory=list)
     # Sequences the sampler generates at once (a multiple of algo.num_samples); None: all of a step's.
+    # A memory knob: each completion draws from a key of its row, so any size samples the same.
     micro_batch_size: int | None = None
 
 

@@ -497,7 +497,9 @@ class Trainer:
         return examples, rows, read, truncated, skipped
 
     def _sample(self, rows, key, *, num_samples, temperature):
-        """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time."""
+        """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time.
+        Each completion's randomness is keyed by its row in the whole batch (`row_offset`), so the
+        micro-batch size changes memory, never the completions."""
         r = self.config.rollout
         # A few fixed widths (powers of two from 16, capped at the prompt limit): steps compile a few times.
         width = bucket_width(max(map(len, rows)), limit=self.prompt_limit)
@@ -505,7 +507,7 @@ class Trainer:
         policy = self.policy_model(self._sampling_params)
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
-        for i, start in enumerate(range(0, len(rows), prompts_per_call)):
+        for start in range(0, len(rows), prompts_per_call):
             part = ids[start:start + prompts_per_call], mask[start:start + prompts_per_call]
             count = len(part[0])
             if count % self.mesh.size and jax.process_count() > 1:
@@ -516,7 +518,7 @@ class Trainer:
             if len(part[0]) % self.mesh.size == 0:
                 part = jax.device_put(part, parallel.batch_sharding(self.mesh))
             out = generate(
-                policy, *part, max_new_tokens=r.max_new_tokens, rng=jax.random.fold_in(key, i) if i else key,
+                policy, *part, max_new_tokens=r.max_new_tokens, rng=key, row_offset=start * num_samples,
                 num_samples=num_samples, temperature=temperature, top_k=r.top_k if temperature else 0,
                 top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
                 pad_token_id=self.tokenizer.pad_token_id, cache_dtype=self.compute_dtype)

@@ -161,6 +161,16 @@ def test_a_trainer_step_in_micro_batches_trains_like_one_pass(toy_config, tmp_pa
     # lr-sized steps; 5e-5 at lr 0.01 still tells a real difference from summation order.
     for x, y in zip(jax.tree.leaves(micro.state.params), jax.tree.leaves(whole.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=5e-5)
-    sampled = Trainer(toy_config(f"train.run_dir={tmp_path / 'c'}", "rollout.micro_batch_size=8"))
-    batch = sampled.collect()[0]
-    assert batch.tokens.shape == (32, 4)
+
+
+def test_the_samplers_micro_batch_size_changes_no_completion(toy_config):
+    """`rollout.micro_batch_size` is a memory knob: each completion's randomness is keyed by its
+    row in the step's batch, so sampling 32 sequences whole, 8 or 16 at a time gives the same."""
+    trainer, batches = Trainer(toy_config()), []
+    for size in (None, 8, 16):
+        trainer.config.rollout.micro_batch_size, trainer.data_position = size, 0  # the same step's prompts
+        batches.append(trainer.collect()[0])
+    assert batches[0].tokens.shape == (32, 4)
+    for batch in batches[1:]:
+        np.testing.assert_array_equal(batch.tokens, batches[0].tokens)
+        np.testing.assert_array_equal(batch.mask, batches[0].mask)
