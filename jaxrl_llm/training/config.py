@@ -107,7 +107,9 @@ class RewardConfig:
     terms: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     missing_eos_penalty: float = 0.0  # subtracted from completions that never emit EOS
     clip: float | None = None  # clip the total reward to [-clip, clip]
-    normalize: bool = False  # whiten the total reward over the batch
+    # Whiten the total reward over the sampled batch, for the update only: the logged rewards
+    # (reward/mean, reward/std, reward/trained_mean, the progress bar) stay raw.
+    normalize: bool = False
     on_error: Literal["raise", "mask"] = "raise"  # a term that raises or returns NaN: fail, or drop the sample
     # With on_error=mask: stop after this many consecutive steps in which no sample got a reward
     # (each such step trains on nothing and is warned about).

@@ -528,23 +528,20 @@ class Trainer:
             return parts[0]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
-    def _score(self, examples, rollout, num_samples, *, normalize=None):
-        """Decoded `Sample`s and their `(scores, valid)`. With several processes each process scores
-        the rows its devices sampled, and the scores are gathered (then normalized, if configured,
-        over the whole batch)."""
+    def _score(self, examples, rollout, num_samples):
+        """Decoded `Sample`s and their raw `(scores, valid)` (the configured terms, penalty and clip;
+        `reward.normalize` is applied by `collect`, for the update only). With several processes
+        each process scores the rows its devices sampled, and the scores are gathered."""
         texts, finished, ids = decode_completions(self.tokenizer, rollout.tokens, rollout.mask, self.eos_ids)
         repeated = [e for e in examples for _ in range(num_samples)]
         samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
         n = len(samples)
         if jax.process_count() == 1 or n % self.mesh.size:
-            scores, valid = self.reward_fn(samples, normalize=normalize)
+            scores, valid = self.reward_fn(samples, normalize=False)
             return samples, scores, valid
         rows = distributed.local_rows(parallel.batch_sharding(self.mesh), n)
         scores, valid = self.reward_fn([samples[i] for i in rows], normalize=False)
-        scores, valid = distributed.gather_rows(scores, rows, n), distributed.gather_rows(valid, rows, n)
-        if self.reward_fn.normalize if normalize is None else normalize:
-            scores = np.where(valid, standardize(scores, valid), 0.0).astype(np.float32)
-        return samples, scores, valid
+        return samples, distributed.gather_rows(scores, rows, n), distributed.gather_rows(valid, rows, n)
 
     def evaluate(self) -> dict:
         """Held-out metrics: `eval/accuracy` of one completion per prompt (greedy by default), and
@@ -564,7 +561,7 @@ class Trainer:
             return {}, []
         key = jax.random.PRNGKey(c.train.seed + 1)  # the same draws at every evaluation
         rollout = self._sample(self.eval_rows, key, num_samples=1, temperature=c.train.eval_temperature)
-        samples, rewards, valid = self._score(self.eval_examples, rollout, 1, normalize=False)
+        samples, rewards, valid = self._score(self.eval_examples, rollout, 1)
         texts, finished = [s.text for s in samples], np.array([s.finished for s in samples])
         metrics = {"eval/reward": float(rewards[valid].mean()) if valid.any() else float("nan")}
         correct = [None] * len(texts)
@@ -591,9 +588,11 @@ class Trainer:
         """Steps 1-2 of an RL step: prompts, K completions each, rewards, and the groups to train on.
         Moves the data position past the prompts read.
 
-        Returns `(batch, samples, sampled_scores, sampled_valid, data_metrics)`: the `RolloutBatch`
-        on the mesh, the trained `Sample`s, the rewards of everything sampled (before dynamic
-        sampling), and the prompts truncated or skipped for length."""
+        Returns `(batch, samples, sampled_scores, sampled_valid, trained_scores, data_metrics)`: the
+        `RolloutBatch` on the mesh, the trained `Sample`s, the raw rewards of everything sampled
+        (before dynamic sampling), the raw rewards of the trained rows, and the prompts truncated
+        or skipped for length. With `reward.normalize` the batch's scores are the sampled batch's
+        rewards whitened: what the update sees, never what is logged."""
         c = self.config
         step = int(self.state.step)
         generation_key, _ = step_keys(self.state, step)
@@ -606,23 +605,26 @@ class Trainer:
                                temperature=c.rollout.temperature)
 
         # 2. Rewards, on the host (verifiers are Python).
-        samples, scores, valid = self._score(examples, rollout, c.algo.num_samples)
-        sampled_scores, sampled_valid = scores, valid
+        samples, raw, valid = self._score(examples, rollout, c.algo.num_samples)
+        sampled_scores, sampled_valid = raw, valid
+        scores = raw  # what the update sees: whitened over everything sampled with reward.normalize
+        if self.reward_fn.normalize:
+            scores = np.where(valid, standardize(raw, valid), 0.0).astype(np.float32)
         arrays = [np.asarray(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)]
         if self.prompts_sampled_per_step > c.rollout.prompts_per_step:
             # Dynamic sampling (DAPO): train on the groups whose rewards differ.
-            rows = informative_rows(scores, valid, c.algo.num_samples, c.rollout.prompts_per_step)
-            arrays, scores, valid = [x[rows] for x in arrays], scores[rows], valid[rows]
+            rows = informative_rows(raw, valid, c.algo.num_samples, c.rollout.prompts_per_step)
+            arrays, scores, raw, valid = [x[rows] for x in arrays], scores[rows], raw[rows], valid[rows]
             samples = [samples[i] for i in rows]
         batch = RolloutBatch(*arrays, scores, valid)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
-        return batch, samples, sampled_scores, sampled_valid, data_metrics
+        return batch, samples, sampled_scores, sampled_valid, raw, data_metrics
 
     def step(self) -> dict:
         c = self.config
         start = time.perf_counter()
         _, shuffle_key = step_keys(self.state, int(self.state.step))
-        batch, samples, sampled_scores, sampled_valid, data_metrics = self.collect()
+        batch, samples, sampled_scores, sampled_valid, trained_scores, data_metrics = self.collect()
 
         # 3. Reference log-probabilities; with several updates also old log-probs, values, advantages.
         self.state, train_batch, metrics = self._prepare(self.state, batch)
@@ -653,17 +655,18 @@ class Trainer:
         metrics["train/skipped_updates"] = float(sum(not u["finite"] for u in update_scalars))
         if metrics["train/skipped_updates"]:
             self._report_nonfinite(metrics, update_scalars)
-        scores, valid, mask = (distributed.to_host(x) for x in (batch.scores, batch.valid, batch.mask))
+        valid, mask = (distributed.to_host(x) for x in (batch.valid, batch.mask))
         lengths = mask.sum(-1)
         finished = np.array([s.finished for s in samples])
         elapsed = time.perf_counter() - start
         ok = sampled_valid
         metrics.update({
-            # Rewards of everything sampled this step (before any dynamic-sampling selection).
+            # Raw rewards (before reward.normalize) of everything sampled this step (before any
+            # dynamic-sampling selection), and of the rows trained on.
             "reward/mean": float(sampled_scores[ok].mean()) if ok.any() else float("nan"),
             "reward/std": float(sampled_scores[ok].std()) if ok.any() else float("nan"),
             "reward/valid_fraction": float(ok.mean()),
-            "reward/trained_mean": float(scores[valid].mean()) if valid.any() else float("nan"),
+            "reward/trained_mean": float(trained_scores[valid].mean()) if valid.any() else float("nan"),
             "completion/mean_length": float(lengths.mean()),
             "completion/eos_fraction": float(finished.mean()),
             "step_time_s": elapsed,
