@@ -341,29 +341,30 @@ class Algorithm:
 
     # -- the differentiated loss ---------------------------------------------------------------
     def loss_denominators(self, batch: TrainBatch) -> dict:
-        """The whole batch's loss denominators: `policy` for the objective, `bonus` for the entropy
-        bonus (see `loss_denominator`). Passed to `loss` on each micro-batch, they make the
-        micro-batch losses add up to the whole batch's."""
+        """The loss denominators of `batch` (see `loss_denominator`), failed-reward rows out of every
+        one: `policy` for the objective (RAFT: its selected rows), `bonus` for the entropy bonus
+        (PPO's value loss and bonus share `policy`, which is the same). `loss` uses those of the
+        batch it is given; passed to `loss` on each micro-batch of it, they make the micro-batch
+        losses add up to the batch's."""
         cfg, rollout = self.cfg, batch.rollout
         valid = rollout.valid.astype(jnp.float32)
-        bonus = obj.loss_denominator(rollout.mask * valid[:, None], self.aggregation)
-        if cfg.name in BANDIT and self.single_update:  # the public bandit losses weigh sequences by validity
-            policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
-        elif cfg.name == "raft":
+        # seq_mask, not only a zero token mask: the seq-mean modes count every row they are given.
+        bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
+        policy = bonus
+        if cfg.name == "raft":
             selected = obj.raft_selection(jnp.where(rollout.valid, rollout.scores, 0.0), num_samples=cfg.num_samples,
                                           min_score=cfg.raft_min_score, valid=valid)
             policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=selected)
-        else:
-            policy = bonus
         return {"policy": policy, "bonus": bonus}
 
     def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
         """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
         baseline after this batch (None unless REINFORCE with `baseline: ema`). `denominators`
-        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it.
-        LoRA: `base` is the frozen base (not differentiated), `dropout_key` the adapters' dropout."""
+        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it; None:
+        `batch`'s own. LoRA: `base` is the frozen base (not differentiated), `dropout_key` the
+        adapters' dropout."""
         cfg, rollout = self.cfg, batch.rollout
-        denominators = denominators or {"policy": None, "bonus": None}
+        denominators = denominators or self.loss_denominators(batch)
         mask = rollout.mask * rollout.valid[:, None]
         fwd = self._forward(params["policy"], rollout, base, dropout_key)
         values = None

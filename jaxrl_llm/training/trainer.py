@@ -15,7 +15,8 @@ How this departs from the algorithms as papers state them:
   (ratio exactly 1, no extra forward pass); with several, `prepare` recomputes
   them once before the updates.
 - Samples whose reward failed (with `reward.on_error=mask`) are dropped from
-  every baseline, advantage and loss of the step rather than scored 0.
+  every baseline, advantage and loss of the step, numerators and denominators
+  (policy loss, value loss, entropy bonus), rather than scored 0.
 - `rollout.oversample > 1` samples more prompts than it trains on and keeps the
   groups whose rewards differ (DAPO's dynamic sampling); the others have zero
   advantage and would only dilute the update.

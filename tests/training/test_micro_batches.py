@@ -1,4 +1,4 @@
-"""Micro-batches change memory and time, never the update.
+"""Micro-batches change memory and time, never the update; failed rewards count in no denominator.
 
 `train.micro_batch_size` splits every forward/backward pass of an update (and of `prepare`)
 into micro-batches of whole prompt groups and adds up their gradients, with the whole batch's
@@ -131,6 +131,69 @@ def test_reinforce_with_an_ema_baseline_in_micro_batches(stepped_trainers):
     trainer, batch = stepped_trainers("reinforce", "algo.baseline=ema")
     assert_same_update(update_gradient(trainer, trainer.config.algo, batch, None),
                        update_gradient(trainer, trainer.config.algo, batch, 2 * K))
+
+
+def first_update(trainer, algo_config, batch, prepared=None):
+    """`(grads, prepared)`: the gradient of a step's first update with `algo_config` (with several
+    epochs, its one minibatch is the whole batch) and the `(state, train_batch)` of `prepare`
+    (which does not depend on the aggregation mode: pass it back to skip it)."""
+    algorithm = Algorithm(algo_config, graphdef=trainer.graphdef, critic_graphdef=trainer.algorithm.critic_graphdef,
+                          temperature=trainer.config.rollout.temperature, chunk_size=None)
+    prepared = prepared or jax.jit(algorithm.prepare)(trainer.state, batch)[:2]
+    _, grads = jax.jit(algorithm.value_and_grad)(prepared[0].params, prepared[1])
+    return [np.asarray(g) for g in jax.tree.leaves(grads)], prepared
+
+
+def with_failed_groups(train_batch):
+    """A prepared one-update batch followed by as many groups again (the same rows, so the same
+    reference log-probabilities), every reward of which failed."""
+    failed = train_batch._replace(rollout=train_batch.rollout._replace(valid=jnp.zeros_like(train_batch.rollout.valid)))
+    return jax.tree.map(lambda a, b: np.concatenate([a, b]) if np.ndim(a) else a, train_batch, failed)
+
+
+def check_failed_rows_count_nowhere(stepped_trainers, algo, aggregations, cases=("two epochs", "failed groups appended")):
+    """With 2 of 16 rewards failed, the first update's gradient is the same with one update per
+    batch, with two epochs (the clipped-ratio path, ratio 1 at its first update) and with as many
+    failed groups again appended: failed rows are out of every denominator (policy loss, value
+    loss, entropy bonus), not only out of the numerators."""
+    trainer, batch = stepped_trainers(algo)
+    prepared = {}
+    for aggregation in aggregations:
+        configs = {epochs: dataclasses.replace(trainer.config.algo, aggregation=aggregation, update_epochs=epochs)
+                   for epochs in (1, 2)}
+        reference, prepared[1] = first_update(trainer, configs[1], batch, prepared.get(1))
+        others = {}
+        if "two epochs" in cases:
+            others["two epochs"], prepared[2] = first_update(trainer, configs[2], batch, prepared.get(2))
+        if "failed groups appended" in cases:
+            state, train_batch = prepared[1]
+            others["failed groups appended"], _ = first_update(trainer, configs[1], None,
+                                                               (state, with_failed_groups(train_batch)))
+        scale = max(float(np.abs(g).max()) for g in reference)
+        assert scale > 1e-4  # a real update
+        for name, grads in others.items():
+            for a, b in zip(grads, reference):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{algo}, {aggregation}: {name}")
+
+
+# In CI, a sequence-mean mode (where a row counts by itself) and one comparison each: the bandit
+# algorithms' single update already drops failed rows, so their multi-update path is the one to
+# compare; GRPO, PPO and RAFT use one path for both, so failed groups are appended. (The modes of
+# ONE_MODE_EACH but for reinforce's: few new programs to compile.) The slow tests run everything.
+SEQ_MODE_EACH = {**ONE_MODE_EACH, "reinforce": "seq-mean-token-sum-norm"}
+CI_CASE = {"rloo": "two epochs", "reinforce": "two epochs", "vanilla_pg": "two epochs",
+           "grpo": "failed groups appended", "raft": "failed groups appended", "ppo": "failed groups appended"}
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_failed_rewards_count_in_no_denominator(stepped_trainers, algo):
+    check_failed_rows_count_nowhere(stepped_trainers, algo, [SEQ_MODE_EACH[algo]], cases=[CI_CASE[algo]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_failed_rewards_count_in_no_denominator_for_every_aggregation(stepped_trainers, algo):
+    check_failed_rows_count_nowhere(stepped_trainers, algo, LOSS_AGGREGATIONS)
 
 
 def test_micro_batches_hold_whole_groups_spread_over_the_batch():
