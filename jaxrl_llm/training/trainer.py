@@ -13,7 +13,10 @@ How this departs from the algorithms as papers state them:
   With one update per batch the policy being differentiated is the one that
   sampled: its own log-probabilities under stop_gradient are the "old" ones
   (ratio exactly 1, no extra forward pass); with several, `prepare` recomputes
-  them once before the updates.
+  them once before the updates. With LoRA dropout (which the sampler does not
+  apply), the sampling log-probabilities behind the reward's KL, the advantages
+  and the logged KL always come from a dropout-free forward in `prepare`; only
+  the differentiated forward drops out.
 - Samples whose reward failed (with `reward.on_error=mask`) are dropped from
   every baseline, advantage and loss of the step, numerators and denominators
   (policy loss, value loss, entropy bonus), rather than scored 0.
@@ -388,7 +391,8 @@ class Trainer:
                                    temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
                                    vocab_chunk_size=c.train.logprob_vocab_chunk_size, top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
                                    micro_batch_size=c.train.micro_batch_size,
-                                   reference_graphdef=self.reference_graphdef)
+                                   reference_graphdef=self.reference_graphdef,
+                                   dropout=bool(self.lora_spec is not None and self.lora_spec.dropout))
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
