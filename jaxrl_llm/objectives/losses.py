@@ -69,21 +69,21 @@ def _scores_and_validity(scores, n, nonfinite_scores):
 
 
 def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef, kl_kind, aggregation, nonfinite_scores,
-                 denominator, axis_name):
-    n, _ = _check_token_arrays(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+                 denominator, axis_name, sampling_logprobs=None):
+    given = {} if sampling_logprobs is None else {"sampling_logprobs": sampling_logprobs}
+    n, _ = _check_token_arrays(mask, logprobs=logprobs, ref_logprobs=ref_logprobs, **given)
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
     keep = jnp.asarray(mask) > 0
     logprobs = _masked_f32(logprobs, keep)
     ref_logprobs = _masked_f32(ref_logprobs, keep)
     # The reward (KL included) comes from the sampling policy: a constant for the gradient.
-    seq_rewards = sequence_rewards(
-        scores, lax.stop_gradient(logprobs), ref_logprobs, mask, kl_coef=kl_coef, kind=kl_kind
-    )
+    sampling_logprobs = logprobs if sampling_logprobs is None else _masked_f32(sampling_logprobs, keep)
+    sampling_logprobs = lax.stop_gradient(sampling_logprobs)
+    seq_rewards = sequence_rewards(scores, sampling_logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kl_kind)
     advantages = lax.stop_gradient(advantage_fn(seq_rewards, valid))
     loss, loss_stat = aggregate_loss(
         -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, denominator=denominator,
         axis_name=axis_name)
-    sampling_logprobs = lax.stop_gradient(logprobs)
     k1 = kl_penalty(sampling_logprobs, ref_logprobs, kind="k1")
     weights = jnp.ones((n,), jnp.float32) if valid is None else valid
     token_weights = keep * weights[:, None]
@@ -115,6 +115,7 @@ def reinforce_loss(
     nonfinite_scores: str = "raise",
     denominator=None,
     axis_name=None,
+    sampling_logprobs=None,
 ):
     """REINFORCE with a baseline, the whole completion as one action (bandit).
 
@@ -144,6 +145,9 @@ def reinforce_loss(
         micro-batch is not the batch's). None: this batch's own.
       axis_name: mapped axis the batch is split over (batch mean and loss
         denominators become global).
+      sampling_logprobs: `[N, T]` log-probabilities of the policy that sampled, which the
+        reward's KL (and the KL metrics) are computed from, without gradient; None: `logprobs`.
+        Pass them when the differentiated forward is not the sampling one (dropout in training).
 
     Returns:
       `(loss, aux)`; aux keys: loss/policy, kl (the k1 estimate of KL(pi || pi_ref) per
@@ -156,6 +160,7 @@ def reinforce_loss(
         advantage_fn=lambda r, valid: reinforce_advantages(r, baseline=baseline, valid=valid, axis_name=axis_name),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
         nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
+        sampling_logprobs=sampling_logprobs,
     )
 
 
@@ -172,6 +177,7 @@ def rloo_loss(
     nonfinite_scores: str = "raise",
     denominator=None,
     axis_name=None,
+    sampling_logprobs=None,
 ):
     """REINFORCE leave-one-out (RLOO): each sample's baseline is the mean of the other K-1.
 
@@ -184,9 +190,10 @@ def rloo_loss(
       logprobs, ref_logprobs, scores, mask: as in `reinforce_loss`, prompt-major
         in groups of `num_samples` (`[p0s0, p0s1, ..., p1s0, ...]`).
       num_samples: K >= 2; N must be divisible by K (per device, when split).
-      kl_coef, kl_kind, aggregation, nonfinite_scores, denominator, axis_name: as in
-        `reinforce_loss` (micro-batches must hold whole groups). With "mask", the leave-one-out mean is over the valid
-        others; a sample with no valid other gets advantage 0.
+      kl_coef, kl_kind, aggregation, nonfinite_scores, denominator, axis_name,
+        sampling_logprobs: as in `reinforce_loss` (micro-batches must hold whole groups).
+        With "mask", the leave-one-out mean is over the valid others; a sample with no
+        valid other gets advantage 0.
 
     Returns:
       `(loss, aux)` with the keys of `reinforce_loss`.
@@ -196,6 +203,7 @@ def rloo_loss(
         advantage_fn=lambda r, valid: rloo_advantages(r, num_samples=num_samples, valid=valid),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
         nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
+        sampling_logprobs=sampling_logprobs,
     )
 
 

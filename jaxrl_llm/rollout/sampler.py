@@ -8,7 +8,9 @@ loop carry, so XLA updates it in place (no per-token copy, no host round-trip pe
 Rows never interact, so with a ``mesh`` the prompts are split over its devices under
 ``shard_map``: each device prefills and decodes its own rows with no communication and leaves the
 loop when its own rows are done. The random numbers are drawn for all (step, row) pairs before
-the loop, so a rollout does not depend on how many devices sampled it. On a multi-core CPU, one
+the loop, each row's from a key folded with its global index (``row_offset`` + its index in the
+call), so a rollout does not depend on how many devices sampled it, nor on how many calls
+(micro-batches) it was sampled in. On a multi-core CPU, one
 JAX CPU device per core (``jax.config.update("jax_num_cpu_devices", n)`` before JAX starts) with
 the prompts split over them is the fastest set-up for small models: each core then runs its own
 rows' small matmuls instead of XLA splitting each small matmul over threads.
@@ -100,6 +102,7 @@ class _Sampling(NamedTuple):
     top_p: jax.Array
     eos_token_ids: jax.Array
     pad_token_id: jax.Array
+    row_offset: jax.Array  # the global index of this call's first row (its random draws' key)
 
 
 # EOS id arrays are padded to a multiple of this, so 0-4 EOS ids share one compiled function.
@@ -262,9 +265,7 @@ def _generate_impl(opts: _Options, mesh, model, prompt_ids, prompt_mask, rng, pa
     prompt_ids, prompt_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
     k, steps = opts.num_samples, opts.max_new_tokens
     n = prompt_ids.shape[0] * k
-    # Drawn up front for the whole batch: no PRNG work inside the decode loop, and row n's draws
-    # are the same whatever the number of devices the batch is split over.
-    uniforms = jax.random.uniform(rng, (steps, n), jnp.float32)
+    uniforms = row_uniforms(rng, params.row_offset + jnp.arange(n), steps)
     sample_rows = functools.partial(_sample_rows, opts)
     if mesh is not None:
         rows = P(mesh.axis_names)
@@ -286,6 +287,16 @@ def _generate_impl(opts: _Options, mesh, model, prompt_ids, prompt_mask, rng, pa
         temperature=0.0,  # set by ``generate`` (static metadata, not a traced value)
         num_samples=k,
     )
+
+
+def row_uniforms(rng, rows, steps: int) -> jax.Array:
+    """`[steps, len(rows)]` uniforms in [0, 1): row r's are `uniform(fold_in(rng, r), (steps,))`.
+
+    Keyed by each row's global index, drawn up front (no PRNG work inside the decode loop): a
+    row's completion is the same whether its batch is sampled whole, in micro-batches or split
+    over any number of devices."""
+    draw = lambda row: jax.random.uniform(jax.random.fold_in(rng, row), (steps,), jnp.float32)  # noqa: E731
+    return jax.vmap(draw, out_axes=1)(rows)
 
 
 @functools.lru_cache(maxsize=64)
@@ -316,6 +327,7 @@ def generate(
     pad_token_id: int = 0,
     cache_dtype=None,
     mesh: Mesh | None = None,
+    row_offset: int = 0,
 ) -> Rollout:
     """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for each prompt.
 
@@ -330,6 +342,7 @@ def generate(
       prompt_mask: [B, P], 1 (True) for real tokens, 0 for padding.
       max_new_tokens: T > 0.
       rng: a PRNG key (``jax.random.key`` or ``PRNGKey``); the same key gives the same rollout.
+        Row r (of N = B*K) draws its tokens from ``fold_in(rng, row_offset + r)`` alone.
       num_samples: K >= 1 completions per prompt, laid out prompt-major.
       temperature: >= 0; 0 means greedy.
       top_k: >= 0; 0 disables top-k.
@@ -342,6 +355,9 @@ def generate(
         and stops when its own rows are done; the results are the same as on one device (the
         random draws belong to rows, not devices). Default: the mesh of ``prompt_ids`` when it is
         a ``jax.Array`` sharded over several devices by a ``NamedSharding``, else one device.
+      row_offset: the global index of this call's first row, when a batch is sampled in parts:
+        a part of prompts ``i:j`` (with ``row_offset = i * K``) and the same ``rng`` give exactly
+        the rows ``i*K:j*K`` of the whole batch's rollout (a traced value: no recompilation).
     Returns:
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
@@ -392,6 +408,7 @@ def _prepare_generate(arguments: dict):
         top_p=np.float32(top_p),
         eos_token_ids=np.array(eos + (-1,) * (opts.num_eos_slots - len(eos)), np.int32),
         pad_token_id=np.int32(pad_token_id),
+        row_offset=np.int32(_check_int("row_offset", a.row_offset, minimum=0)),
     )
     mesh = _sampling_mesh(a.mesh, a.prompt_ids)
     prompt_ids, prompt_mask = _check_prompts(a.prompt_ids, a.prompt_mask)

@@ -22,6 +22,9 @@ One update per batch (the default): the policy being differentiated is the one t
 sampled, so no "old" forward pass runs. REINFORCE/RLOO are exactly the seed's estimator
 (`reinforce_loss`, `rloo_loss`); GRPO and PPO take the current log-probabilities (and PPO the
 current values) under stop_gradient as the old ones, as TRL does: the ratio is exactly 1.
+With LoRA dropout the loss's forward is not the sampling policy's (the sampler drops nothing
+out): `prepare` then runs a dropout-free forward, whose log-probabilities give the reward's KL,
+the advantages and the logged KL, whatever the micro-batching or the dropout key.
 
 Several updates per batch (`update_epochs > 1` or `num_minibatches > 1`): advantages are
 fixed in `prepare` from an old forward pass, and every algorithm but RAFT optimises the
@@ -95,7 +98,9 @@ class TrainBatch(NamedTuple):
     """What the updates of one RL step read; the optional fields are fixed by `prepare`."""
 
     rollout: RolloutBatch
-    old_logprobs: jax.Array | None  # [N, T] sampling policy at its temperature (None: one update, the loss's own)
+    # [N, T] the sampling policy at its temperature, from `prepare` (several updates, micro-batches
+    # or dropout); None: one update whose loss forward is the sampling policy and measures them.
+    old_logprobs: jax.Array | None
     ref_logprobs: jax.Array | None  # [N, T] (None: RAFT, which has no reference term)
     advantages: jax.Array | None  # [N] (bandit, grpo) or [N, T] (ppo); None: computed in the loss
     baseline_state: obj.EMABaselineState | None  # REINFORCE's EMA baseline (before this batch if the loss advances it)
@@ -164,7 +169,10 @@ class Algorithm:
     """The prepare/loss pair of one algorithm, closed over the model graph and the config.
 
     `compute_dtype`: the dtype of every forward pass (None: the parameters' own);
-    `micro_batch_size`: sequences per forward/backward pass (None: the whole batch at once).
+    `micro_batch_size`: sequences per forward/backward pass (None: the whole batch at once);
+    `dropout`: the training forward applies (LoRA) dropout when `loss` is given a key. The
+    sampler applies none, so the sampling log-probabilities (the KL in the reward, the
+    advantages, the logged KL) then come from a dropout-free forward in `prepare`.
 
     LoRA: `graphdef` is the adapted policy's graph, `reference_graphdef` the same model without
     adapters. The policy's trained parameters are then the adapters only, and the frozen base
@@ -174,8 +182,10 @@ class Algorithm:
 
     def __init__(self, algo: AlgoConfig, *, graphdef, critic_graphdef=None, temperature: float,
                  chunk_size: int | None, vocab_chunk_size: int | None = None, top_k: int = 0, top_p: float = 1.0,
-                 compute_dtype=None, micro_batch_size: int | None = None, reference_graphdef=None):
+                 compute_dtype=None, micro_batch_size: int | None = None, reference_graphdef=None,
+                 dropout: bool = False):
         self.cfg = algo
+        self.dropout = dropout
         self.graphdef = graphdef
         self.reference_graphdef = reference_graphdef
         self.lora = reference_graphdef is not None
@@ -209,11 +219,12 @@ class Algorithm:
 
     def needs_old_forward(self, num_sequences: int) -> bool:
         """Whether `prepare` runs the policy before the updates: for the "old" log-probabilities of
-        several updates, or, with one update in micro-batches, for what spans the batch and needs
-        the policy's log-probabilities (REINFORCE's baseline, PPO's whitened GAE advantages)."""
+        several updates; with LoRA dropout, for the sampling policy's log-probabilities (the
+        sampler applies none, the loss's forward does); or, with one update in micro-batches, for
+        what spans the batch and needs them (REINFORCE's baseline, PPO's whitened GAE advantages)."""
         if self.cfg.name == "raft":
             return False
-        if not self.single_update:
+        if not self.single_update or self.dropout:
             return True
         return self.num_micro_batches(num_sequences) > 1 and self.cfg.name in ("reinforce", "ppo")
 
@@ -309,25 +320,30 @@ class Algorithm:
         with_policy = self.needs_old_forward(num_sequences)
         out = self._prepare_forwards(state, rollout, with_policy)
         ref_logprobs = out.get("ref_logprobs")
-        batch = TrainBatch(rollout, None, ref_logprobs, None, state.baseline, None, None)
-        if self.single_update and self.num_micro_batches(num_sequences) > 1:
-            # One update in micro-batches: the loss still differentiates the policy that sampled,
-            # but what spans the batch is fixed here, on the whole batch.
-            if self.cfg.name == "reinforce":
-                baseline_state, baseline = self._reinforce_baseline(state.baseline, rollout, out["old_logprobs"],
-                                                                    ref_logprobs)
-                state = state.replace(baseline=baseline_state)
-                batch = batch._replace(baseline_state=baseline_state, baseline=baseline)
-            elif self.cfg.name in ("grpo", "ppo"):
-                advantages, returns, _ = self._advantages(state.baseline, rollout, out.get("old_logprobs"),
-                                                          ref_logprobs, out.get("old_values"))
-                batch = batch._replace(advantages=advantages, returns=returns)
+        if self.single_update:
+            # The loss differentiates the policy that sampled; the sampling log-probabilities
+            # measured here (None: not measured) are what its reward's KL and advantages read.
+            batch = TrainBatch(rollout, out.get("old_logprobs"), ref_logprobs, None, state.baseline, None, None)
+            if with_policy:
+                # What spans the batch is fixed here, on the whole batch (a micro-batch's mean is
+                # not the batch's), from the dropout-free forward.
+                if self.cfg.name == "reinforce":
+                    baseline_state, baseline = self._reinforce_baseline(state.baseline, rollout, out["old_logprobs"],
+                                                                        ref_logprobs)
+                    state = state.replace(baseline=baseline_state)
+                    batch = batch._replace(baseline_state=baseline_state, baseline=baseline)
+                elif self.cfg.name in ("grpo", "ppo"):
+                    advantages, returns, _ = self._advantages(state.baseline, rollout, out["old_logprobs"],
+                                                              ref_logprobs, out.get("old_values"))
+                    batch = batch._replace(advantages=advantages, returns=returns)
         elif with_policy:
             old_logprobs, old_values = out["old_logprobs"], out.get("old_values")
             advantages, returns, baseline_state = self._advantages(state.baseline, rollout, old_logprobs,
                                                                    ref_logprobs, old_values)
             state = state.replace(baseline=baseline_state)
             batch = TrainBatch(rollout, old_logprobs, ref_logprobs, advantages, baseline_state, old_values, returns)
+        else:  # RAFT with several updates: nothing to fix
+            batch = TrainBatch(rollout, None, ref_logprobs, None, state.baseline, None, None)
         if not with_policy:
             # The loss differentiates the policy that sampled: it measures the rest itself.
             return state, batch, {}
@@ -341,41 +357,47 @@ class Algorithm:
 
     # -- the differentiated loss ---------------------------------------------------------------
     def loss_denominators(self, batch: TrainBatch) -> dict:
-        """The whole batch's loss denominators: `policy` for the objective, `bonus` for the entropy
-        bonus (see `loss_denominator`). Passed to `loss` on each micro-batch, they make the
-        micro-batch losses add up to the whole batch's."""
+        """The loss denominators of `batch` (see `loss_denominator`), failed-reward rows out of every
+        one: `policy` for the objective (RAFT: its selected rows), `bonus` for the entropy bonus
+        (PPO's value loss and bonus share `policy`, which is the same). `loss` uses those of the
+        batch it is given; passed to `loss` on each micro-batch of it, they make the micro-batch
+        losses add up to the batch's."""
         cfg, rollout = self.cfg, batch.rollout
         valid = rollout.valid.astype(jnp.float32)
-        bonus = obj.loss_denominator(rollout.mask * valid[:, None], self.aggregation)
-        if cfg.name in BANDIT and self.single_update:  # the public bandit losses weigh sequences by validity
-            policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
-        elif cfg.name == "raft":
+        # seq_mask, not only a zero token mask: the seq-mean modes count every row they are given.
+        bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
+        policy = bonus
+        if cfg.name == "raft":
             selected = obj.raft_selection(jnp.where(rollout.valid, rollout.scores, 0.0), num_samples=cfg.num_samples,
                                           min_score=cfg.raft_min_score, valid=valid)
             policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=selected)
-        else:
-            policy = bonus
         return {"policy": policy, "bonus": bonus}
 
     def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
         """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
         baseline after this batch (None unless REINFORCE with `baseline: ema`). `denominators`
-        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it.
-        LoRA: `base` is the frozen base (not differentiated), `dropout_key` the adapters' dropout."""
+        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it; None:
+        `batch`'s own. LoRA: `base` is the frozen base (not differentiated), `dropout_key` the
+        adapters' dropout."""
         cfg, rollout = self.cfg, batch.rollout
-        denominators = denominators or {"policy": None, "bonus": None}
+        denominators = denominators or self.loss_denominators(batch)
         mask = rollout.mask * rollout.valid[:, None]
         fwd = self._forward(params["policy"], rollout, base, dropout_key)
         values = None
         if cfg.name == "ppo":
             values = self._values(params["critic"], rollout, fwd.hidden)
-        # With one update the policy that sampled is this one: its log-probs (and values) are the
-        # old ones, unless `prepare` already measured them.
-        old_logprobs, old_values = batch.old_logprobs, batch.old_values
-        if old_logprobs is None:
+        # The sampling policy's log-probabilities (the KL in the reward, the advantages, the logged
+        # KL): measured by `prepare` when it ran the policy (without dropout), else this forward's.
+        sampling_logprobs = batch.old_logprobs
+        if sampling_logprobs is None:
+            sampling_logprobs = jax.lax.stop_gradient(fwd.logprobs)
+        if self.single_update:
+            # One update differentiates the policy that sampled: the ratio's "old" side is this
+            # forward itself (ratio exactly 1, with dropout too), and so are PPO's old values.
             old_logprobs = jax.lax.stop_gradient(fwd.logprobs)
-        if old_values is None and values is not None:
-            old_values = jax.lax.stop_gradient(values)
+            old_values = None if values is None else jax.lax.stop_gradient(values)
+        else:
+            old_logprobs, old_values = batch.old_logprobs, batch.old_values
         baseline_state = batch.baseline_state
         common = dict(aggregation=self.aggregation, denominator=denominators["policy"])
         clip = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, ratio_level=self.ratio_level)
@@ -383,7 +405,8 @@ class Algorithm:
         nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
         if cfg.name in BANDIT and self.single_update:
             # The source document's estimator, through the public losses.
-            bandit = dict(kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, nonfinite_scores="mask", **common)
+            bandit = dict(kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, nonfinite_scores="mask",
+                          sampling_logprobs=sampling_logprobs, **common)
             if cfg.name == "rloo":
                 loss, aux = obj.rloo_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                           num_samples=cfg.num_samples, **bandit)
@@ -392,7 +415,7 @@ class Algorithm:
                 if cfg.name == "vanilla_pg":
                     baseline = jnp.zeros(())
                 elif cfg.baseline == "ema" and baseline is None:
-                    baseline_state, baseline = self._ema_baseline(baseline_state, rollout, old_logprobs,
+                    baseline_state, baseline = self._ema_baseline(baseline_state, rollout, sampling_logprobs,
                                                                   batch.ref_logprobs)
                 loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
                                                baseline=baseline, **bandit)
@@ -403,7 +426,7 @@ class Algorithm:
             advantages, returns = batch.advantages, batch.returns
             if advantages is None:
                 advantages, returns, baseline_state = self._advantages(
-                    baseline_state, rollout, old_logprobs, batch.ref_logprobs, old_values)
+                    baseline_state, rollout, sampling_logprobs, batch.ref_logprobs, old_values)
             if cfg.name == "grpo":
                 loss, aux = obj.grpo_loss(fwd.logprobs, old_logprobs, batch.ref_logprobs, advantages, mask,
                                           kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, **clip, **common)
@@ -419,7 +442,7 @@ class Algorithm:
                                                  denominator=denominators["bonus"])
             loss = loss - cfg.entropy_coef * entropy_term
         aux["entropy"] = obj.aggregate_loss(fwd.entropy, mask, "token-mean")[1]
-        aux.update(self._kl_metrics(old_logprobs, batch.ref_logprobs, mask))
+        aux.update(self._kl_metrics(sampling_logprobs, batch.ref_logprobs, mask))
         return loss, (aux, baseline_state)
 
     def value_and_grad(self, params, batch: TrainBatch, base=None, dropout_key=None):

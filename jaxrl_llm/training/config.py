@@ -109,7 +109,9 @@ class RewardConfig:
     terms: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     missing_eos_penalty: float = 0.0  # subtracted from completions that never emit EOS
     clip: float | None = None  # clip the total reward to [-clip, clip]
-    normalize: bool = False  # whiten the total reward over the batch
+    # Whiten the total reward over the sampled batch, for the update only: the logged rewards
+    # (reward/mean, reward/std, reward/trained_mean, the progress bar) stay raw.
+    normalize: bool = False
     on_error: Literal["raise", "mask"] = "raise"  # a term that raises or returns NaN: fail, or drop the sample
     # With on_error=mask: stop after this many consecutive steps in which no sample got a reward
     # (each such step trains on nothing and is warned about).
@@ -167,14 +169,20 @@ class RolloutConfig:
     # Token ids that end a completion besides the tokenizer's and the model's generation config's EOS.
     stop_token_ids: list[int] = field(default_factory=list)
     # Sequences the sampler generates at once (a multiple of algo.num_samples); None: all of a step's.
+    # A memory knob: each completion draws from a key of its row, so any size samples the same.
     micro_batch_size: int | None = None
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule (`trainer.learning_rate_schedule`). The schedule counts
+    optimizer updates, train.steps x algo.update_epochs x algo.num_minibatches of them: the warmup
+    is `warmup_steps` updates (not RL steps) from 0 to `learning_rate`, and a linear or cosine
+    decay then runs over the remaining updates, ending at the last one."""
+
     learning_rate: float = 1e-6
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer updates of linear warmup
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     b1: float = 0.9
@@ -359,6 +367,7 @@ def validate(config: Config) -> Config:
         (0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]"),
         (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),
         (config.optim.learning_rate > 0, "optim.learning_rate", config.optim.learning_rate, "> 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, ">= 0 optimizer updates"),
         (t.steps >= 0, "train.steps", t.steps, ">= 0"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),

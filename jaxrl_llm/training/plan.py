@@ -105,7 +105,8 @@ def abstract_setup(config: Config, mesh):
     algorithm = Algorithm(c.algo, graphdef=graphdef, critic_graphdef=critic_graphdef,
                           temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
                           vocab_chunk_size=c.train.logprob_vocab_chunk_size, top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=dtype,
-                          micro_batch_size=c.train.micro_batch_size, reference_graphdef=reference_graphdef)
+                          micro_batch_size=c.train.micro_batch_size, reference_graphdef=reference_graphdef,
+                          dropout=bool(m.lora is not None and m.lora.dropout))
     optimizer = make_optimizer(c)
     state = jax.eval_shape(lambda p, q, b: TrainState.create(
         policy_params=p, critic_params=q, optimizer=optimizer, seed=c.train.seed,

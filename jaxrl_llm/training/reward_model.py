@@ -8,6 +8,10 @@ The saved directory is what transformers' `AutoModelForSequenceClassification` l
 equal to ours) and what the RL trainer's `reward.terms[].kind: reward_model` term reads. Texts
 are tokenized exactly as that term tokenizes them (`prompt + response`, then EOS), so the
 model scores RL completions the way it was trained to.
+
+Mixed precision as in the policy trainer: `model.dtype: bfloat16` runs the forward and backward
+passes on a bfloat16 cast of float32 master weights (`model.param_dtype`), which AdamW updates
+and which are saved.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +44,12 @@ class RMModelConfig:
 
     path: str = "builtin:tiny_arithmetic"
     gguf_file: str | None = None
+    # The dtype of the forward and backward passes; bfloat16 is mixed precision over `param_dtype`
+    # master weights, as the policy trainer's model.dtype.
     dtype: str = "float32"
+    # The dtype of the trained weights, the AdamW state and the saved model. bfloat16 storage
+    # rounds away AdamW steps below its ulp (most of them at lr 1e-5).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -60,11 +70,16 @@ class RMTrainConfig:
     epochs: int = 1
     batch_size: int = 32  # pairs per update
     learning_rate: float = 1e-5
+    # The learning-rate schedule over the run's updates, as the policy trainer's optim.schedule:
+    # `warmup_steps` updates of linear warmup, then constant, or a linear / cosine decay that ends
+    # at the last update.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     center_rewards_coefficient: float = 0.0  # TRL's: weight of mean((r_c + r_r)^2)
-    max_length: int | None = None  # longest prompt+response in tokens (longer ones keep their end); None: no limit
+    # Longest prompt+response in tokens; a longer one keeps its end (and a leading BOS). None: no limit.
+    max_length: int | None = None
     append_eos: bool = True  # as the trainer's reward_model term scores: with EOS last
     eval_every: int = 50  # updates between held-out evaluations (and one at the end)
     seed: int = 0
@@ -100,6 +115,7 @@ def load_rm_config(path: str | Path | None = None, overrides=()) -> RMConfig:
         (t.epochs >= 1, "train.epochs", t.epochs, ">= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
         (t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0 updates"),
         (t.center_rewards_coefficient >= 0, "train.center_rewards_coefficient", t.center_rewards_coefficient, ">= 0"),
         (t.max_length is None or t.max_length >= 2, "train.max_length", t.max_length, "None or >= 2"),
         (t.eval_every >= 1, "train.eval_every", t.eval_every, ">= 1"),
@@ -131,17 +147,32 @@ def reward_model_from_policy(policy: models.CausalLM, *, pad_token_id: int | Non
 
 def save_reward_model(model: models.RewardModel, path: str | Path, tokenizer=None) -> Path:
     """`config.json` (a `*ForSequenceClassification` architecture) + `model.safetensors` (+ the
-    tokenizer): what transformers and the trainer's reward_model term load."""
+    tokenizer): what transformers and the trainer's reward_model term load, with equal scores.
+
+    transformers scores a sequence at its last token that is not `pad_token_id`, we at its last
+    attended token; both are the EOS ending it only if the pad id is not EOS's. So the config and
+    the tokenizer written declare a pad id other than EOS (`export_pad_token`)."""
     from safetensors.numpy import save_file
 
     from jaxrl_llm.models.hf_io import _ARCHITECTURES, model_tensors
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = json.loads(model.config_json)
+    eos_ids = {config.get("eos_token_id")} if isinstance(config.get("eos_token_id"), int) else set(
+        config.get("eos_token_id") or ())
+    if tokenizer is not None:
+        tokenizer, pad = export_pad_token(tokenizer, num_embeddings=config["vocab_size"], eos_ids=eos_ids)
+    else:
+        pad = model.pad_token_id
+        if pad is None or pad in eos_ids:
+            pad = config.get("bos_token_id")
+        if pad is None or pad in eos_ids:
+            raise UserError(f"save_reward_model: the model's pad id {model.pad_token_id} is its EOS and it names no "
+                            "other special token; pass the tokenizer, so that a pad token other than EOS is saved.")
+    path.mkdir(parents=True, exist_ok=True)
     causal = _ARCHITECTURES.get(model.model_type, "ForCausalLM")
     config["architectures"] = [causal.replace("ForCausalLM", "ForSequenceClassification")]
-    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=model.pad_token_id,
+    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad,
                   dtype=jnp.dtype(model.dtype).name)
     config.pop("torch_dtype", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -150,6 +181,42 @@ def save_reward_model(model: models.RewardModel, path: str | Path, tokenizer=Non
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
+
+
+EXPORT_PAD_TOKEN = "<|pad|>"
+
+
+def export_pad_token(tokenizer, *, num_embeddings: int, eos_ids=()):
+    """`(tokenizer, pad id)`: a copy of `tokenizer` whose pad token is not EOS (nor any of `eos_ids`).
+
+    A tokenizer without a pad token pads with EOS, and with pad == EOS transformers'
+    `*ForSequenceClassification` would score a sequence ending in EOS at the token before it.
+    The pad is, in order: the tokenizer's own, if it is not EOS; a new `<|pad|>` token with the
+    first id past the tokenizer's vocabulary, when the embedding table (`num_embeddings` rows) has
+    such a row (tokenizing text never produces it); an existing special token other than EOS (BOS
+    first), which never ends a sequence that the reward model scores at its EOS. Raises a
+    UserError when there is none: such an export would score differently in transformers."""
+    import copy
+
+    eos_ids = set(eos_ids) | {tokenizer.eos_token_id}
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos_ids:
+        return tokenizer, tokenizer.pad_token_id
+    size = len(tokenizer)
+    if size < num_embeddings and EXPORT_PAD_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": EXPORT_PAD_TOKEN})  # a new token: id `size`
+        return tokenizer, tokenizer.pad_token_id
+    special = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    candidates = [tokenizer.bos_token, *special]
+    for token in candidates:
+        if token is not None and special.get(token) is not None and special[token] not in eos_ids \
+                and special[token] < num_embeddings:
+            tokenizer.pad_token = token
+            return tokenizer, special[token]
+    raise UserError(f"save_reward_model: the tokenizer pads with EOS (id {tokenizer.eos_token_id}), its vocabulary fills "
+                    f"the {num_embeddings}-row embedding table and it has no special token other than EOS to pad "
+                    "with; transformers would score the exported model at the token before EOS. Give the "
+                    "tokenizer a pad token (tokenizer.pad_token = ...) of a token no scored text ends with.")
 
 
 def load_backbone(config: RMConfig):
@@ -165,9 +232,10 @@ def load_backbone(config: RMConfig):
     architectures = []
     if gguf_file is None:
         architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
+    # The weights are trained in param_dtype; forward passes cast them to model.dtype.
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return models.reward_model_from_pretrained(directory, dtype=jnp.dtype(m.dtype)), tokenizer
-    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.dtype), gguf_file=gguf_file)
+        return models.reward_model_from_pretrained(directory, dtype=jnp.dtype(m.param_dtype)), tokenizer
+    policy = models.from_pretrained(directory, dtype=jnp.dtype(m.param_dtype), gguf_file=gguf_file)
     return reward_model_from_policy(policy, pad_token_id=tokenizer.pad_token_id, seed=config.train.seed), tokenizer
 
 
@@ -178,6 +246,8 @@ class Pairs:
     """Tokenized pairs: `chosen` and `rejected` token rows (prompt + response + EOS) and margins."""
 
     def __init__(self, rows, config: RMConfig, tokenizer, *, source: str):
+        from jaxrl_llm.training.trainer import truncate_left
+
         d, t = config.data, config.train
         check_columns(rows, config, source)
         eos = tokenizer.eos_token_id if t.append_eos else None
@@ -190,7 +260,9 @@ class Pairs:
                 ids = list(ids)
                 if eos is not None and (not ids or ids[-1] != eos):
                     ids.append(eos)
-                out.append(ids[-t.max_length:] if t.max_length else ids)
+                # As the policy's prompts: the end is kept, and a leading BOS (which the
+                # reward_model term's tokenizer adds too).
+                out.append(truncate_left(ids, t.max_length, tokenizer.bos_token_id) if t.max_length else ids)
             return out
 
         prompts = rows[d.prompt_field]
@@ -249,15 +321,19 @@ def split_pairs(config: RMConfig, tokenizer) -> tuple[Pairs, Pairs]:
 # -- training --------------------------------------------------------------------------------------
 
 
-def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float):
-    """The Bradley–Terry loss of one batch (chosen rows first, then rejected); filler pairs weigh 0."""
-    scores = nnx.merge(graphdef, params)(ids, mask)
+def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float, compute_dtype=None):
+    """The Bradley–Terry loss of one batch (chosen rows first, then rejected); filler pairs weigh 0.
+    The forward pass runs on `params` cast to `compute_dtype` (None: as they are); the cast is
+    differentiable, so the gradient arrives in the parameters' own dtype."""
+    scores = nnx.merge(graphdef, models.cast_floating(params, compute_dtype))(ids, mask)
     half = scores.shape[0] // 2
     return bradley_terry_loss(scores[:half], scores[half:], margin=margin, center_coef=center_coef, weights=real)
 
 
 def train_reward_model(config: RMConfig) -> dict:
     """Train, evaluate and save; returns the summary (also written to `output_dir/summary.json`)."""
+    from jaxrl_llm.training.trainer import learning_rate_schedule
+
     t = config.train
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,13 +341,13 @@ def train_reward_model(config: RMConfig) -> dict:
     train_pairs, eval_pairs = split_pairs(config, tokenizer)
     graphdef, params = nnx.split(model)
     steps = t.epochs * -(-len(train_pairs) // t.batch_size)
-    schedule = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps) if t.warmup_steps else t.learning_rate
-    if t.warmup_steps:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
+    schedule = learning_rate_schedule(t.learning_rate, t.schedule, warmup_steps=t.warmup_steps, total_steps=steps)
     optimizer = optax.chain(*([optax.clip_by_global_norm(t.max_grad_norm)] if t.max_grad_norm else []),
                             optax.adamw(schedule, weight_decay=t.weight_decay))
     opt_state = optimizer.init(params)
-    loss_fn = functools.partial(pair_loss, graphdef, center_coef=t.center_rewards_coefficient)
+    m = config.model
+    loss_fn = functools.partial(pair_loss, graphdef, center_coef=t.center_rewards_coefficient,
+                                compute_dtype=None if m.dtype == m.param_dtype else jnp.dtype(m.dtype))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, ids, mask, margin, real):
@@ -321,4 +397,5 @@ def train_reward_model(config: RMConfig) -> dict:
     return summary
 
 
-__all__ = ["RMConfig", "load_rm_config", "reward_model_from_policy", "save_reward_model", "train_reward_model"]
+__all__ = ["RMConfig", "export_pad_token", "load_rm_config", "reward_model_from_policy", "save_reward_model",
+           "train_reward_model"]

@@ -13,9 +13,13 @@ How this departs from the algorithms as papers state them:
   With one update per batch the policy being differentiated is the one that
   sampled: its own log-probabilities under stop_gradient are the "old" ones
   (ratio exactly 1, no extra forward pass); with several, `prepare` recomputes
-  them once before the updates.
+  them once before the updates. With LoRA dropout (which the sampler does not
+  apply), the sampling log-probabilities behind the reward's KL, the advantages
+  and the logged KL always come from a dropout-free forward in `prepare`; only
+  the differentiated forward drops out.
 - Samples whose reward failed (with `reward.on_error=mask`) are dropped from
-  every baseline, advantage and loss of the step rather than scored 0.
+  every baseline, advantage and loss of the step, numerators and denominators
+  (policy loss, value loss, entropy bonus), rather than scored 0.
 - `rollout.oversample > 1` samples more prompts than it trains on and keeps the
   groups whose rewards differ (DAPO's dynamic sampling); the others have zero
   advantage and would only dilute the update.
@@ -214,18 +218,38 @@ def stop_token_ids(config: Config, tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
+def learning_rate_schedule(learning_rate: float, schedule: str, *, warmup_steps: int, total_steps: int):
+    """The learning rate of optimizer update u = 0, 1, ..., U - 1 (U = `total_steps`): a linear
+    warmup from 0 over the first w = `warmup_steps` updates, then `schedule` over the other U - w,
+
+        constant: lr
+        linear:   lr * (U - u) / (U - w)                      (lr / (U - w) at the last update)
+        cosine:   lr * (1 + cos(pi * (u - w) / (U - w))) / 2
+
+    so that a decay ends at the last update, as optax's `warmup_cosine_decay_schedule` and
+    transformers' `get_linear_schedule_with_warmup` / `get_cosine_schedule_with_warmup` do.
+    Shared by `train` and `train-rm`."""
+    decay_steps = max(total_steps - warmup_steps, 1)  # a warmup as long as the run leaves one step
+    if schedule == "cosine":
+        if warmup_steps:
+            return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, warmup_steps + decay_steps)
+        return optax.cosine_decay_schedule(learning_rate, decay_steps)
+    if schedule == "linear":
+        after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.constant_schedule(learning_rate)
+    if not warmup_steps:
+        return after
+    # optax has no linear warmup + linear decay of its own; join_schedules hands `after` u - w.
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps])
+
+
 def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """AdamW (after gradient clipping) with `learning_rate_schedule` over every optimizer update
+    of the run: train.steps x algo.update_epochs x algo.num_minibatches."""
     o = config.optim
     steps = max(config.train.steps * config.algo.update_epochs * config.algo.num_minibatches, 1)
-    if o.schedule == "constant":
-        schedule = optax.constant_schedule(o.learning_rate)
-    elif o.schedule == "linear":
-        schedule = optax.linear_schedule(o.learning_rate, 0.0, steps)
-    else:
-        schedule = optax.cosine_decay_schedule(o.learning_rate, steps)
-    if o.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), schedule], [o.warmup_steps])
+    schedule = learning_rate_schedule(o.learning_rate, o.schedule, warmup_steps=o.warmup_steps, total_steps=steps)
     chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm else []
     chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
     return optax.chain(*chain)
@@ -243,11 +267,19 @@ def fit_prompts(examples, rows: list[list[int]], limit: int | None, long_prompts
             if long_prompts == "skip":
                 skipped += 1
                 continue
-            head = ids[:1] if bos_id is not None and ids[0] == bos_id and limit > 1 else []
-            ids, truncated = head + ids[len(ids) - limit + len(head):], truncated + 1
+            ids, truncated = truncate_left(ids, limit, bos_id), truncated + 1
         kept.append(example)
         kept_rows.append(ids)
     return kept, kept_rows, truncated, skipped
+
+
+def truncate_left(ids: list[int], limit: int, bos_id: int | None = None) -> list[int]:
+    """The last `limit` tokens of `ids`, or with a leading `bos_id` (and `limit > 1`) that BOS and
+    the last `limit - 1`: models such as Gemma are lost without their BOS."""
+    if len(ids) <= limit:
+        return list(ids)
+    head = list(ids[:1]) if bos_id is not None and ids[0] == bos_id and limit > 1 else []
+    return head + list(ids[len(ids) - limit + len(head):])
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray, eos_ids: set[int]):
@@ -359,7 +391,8 @@ class Trainer:
                                    temperature=c.rollout.temperature, chunk_size=c.train.logprob_chunk_size,
                                    vocab_chunk_size=c.train.logprob_vocab_chunk_size, top_k=c.rollout.top_k, top_p=c.rollout.top_p, compute_dtype=self.compute_dtype,
                                    micro_batch_size=c.train.micro_batch_size,
-                                   reference_graphdef=self.reference_graphdef)
+                                   reference_graphdef=self.reference_graphdef,
+                                   dropout=bool(self.lora_spec is not None and self.lora_spec.dropout))
         self.optimizer = make_optimizer(c)
         state = TrainState.create(policy_params=policy_params, critic_params=critic_params,
                                   optimizer=self.optimizer, seed=c.train.seed,
@@ -469,7 +502,9 @@ class Trainer:
         return examples, rows, read, truncated, skipped
 
     def _sample(self, rows, key, *, num_samples, temperature):
-        """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time."""
+        """K completions of each prompt (token rows), `rollout.micro_batch_size` sequences at a time.
+        Each completion's randomness is keyed by its row in the whole batch (`row_offset`), so the
+        micro-batch size changes memory, never the completions."""
         r = self.config.rollout
         # A few fixed widths (powers of two from 16, capped at the prompt limit): steps compile a few times.
         width = bucket_width(max(map(len, rows)), limit=self.prompt_limit)
@@ -477,7 +512,7 @@ class Trainer:
         policy = self.policy_model(self._sampling_params)
         prompts_per_call = len(rows) if r.micro_batch_size is None else max(r.micro_batch_size // num_samples, 1)
         parts = []
-        for i, start in enumerate(range(0, len(rows), prompts_per_call)):
+        for start in range(0, len(rows), prompts_per_call):
             part = ids[start:start + prompts_per_call], mask[start:start + prompts_per_call]
             count = len(part[0])
             if count % self.mesh.size and jax.process_count() > 1:
@@ -488,7 +523,7 @@ class Trainer:
             if len(part[0]) % self.mesh.size == 0:
                 part = jax.device_put(part, parallel.batch_sharding(self.mesh))
             out = generate(
-                policy, *part, max_new_tokens=r.max_new_tokens, rng=jax.random.fold_in(key, i) if i else key,
+                policy, *part, max_new_tokens=r.max_new_tokens, rng=key, row_offset=start * num_samples,
                 num_samples=num_samples, temperature=temperature, top_k=r.top_k if temperature else 0,
                 top_p=r.top_p if temperature else 1.0, eos_token_id=sorted(self.eos_ids),
                 pad_token_id=self.tokenizer.pad_token_id, cache_dtype=self.compute_dtype)
@@ -498,23 +533,20 @@ class Trainer:
             return parts[0]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
-    def _score(self, examples, rollout, num_samples, *, normalize=None):
-        """Decoded `Sample`s and their `(scores, valid)`. With several processes each process scores
-        the rows its devices sampled, and the scores are gathered (then normalized, if configured,
-        over the whole batch)."""
+    def _score(self, examples, rollout, num_samples):
+        """Decoded `Sample`s and their raw `(scores, valid)` (the configured terms, penalty and clip;
+        `reward.normalize` is applied by `collect`, for the update only). With several processes
+        each process scores the rows its devices sampled, and the scores are gathered."""
         texts, finished, ids = decode_completions(self.tokenizer, rollout.tokens, rollout.mask, self.eos_ids)
         repeated = [e for e in examples for _ in range(num_samples)]
         samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
         n = len(samples)
         if jax.process_count() == 1 or n % self.mesh.size:
-            scores, valid = self.reward_fn(samples, normalize=normalize)
+            scores, valid = self.reward_fn(samples, normalize=False)
             return samples, scores, valid
         rows = distributed.local_rows(parallel.batch_sharding(self.mesh), n)
         scores, valid = self.reward_fn([samples[i] for i in rows], normalize=False)
-        scores, valid = distributed.gather_rows(scores, rows, n), distributed.gather_rows(valid, rows, n)
-        if self.reward_fn.normalize if normalize is None else normalize:
-            scores = np.where(valid, standardize(scores, valid), 0.0).astype(np.float32)
-        return samples, scores, valid
+        return samples, distributed.gather_rows(scores, rows, n), distributed.gather_rows(valid, rows, n)
 
     def evaluate(self) -> dict:
         """Held-out metrics: `eval/accuracy` of one completion per prompt (greedy by default), and
@@ -534,7 +566,7 @@ class Trainer:
             return {}, []
         key = jax.random.PRNGKey(c.train.seed + 1)  # the same draws at every evaluation
         rollout = self._sample(self.eval_rows, key, num_samples=1, temperature=c.train.eval_temperature)
-        samples, rewards, valid = self._score(self.eval_examples, rollout, 1, normalize=False)
+        samples, rewards, valid = self._score(self.eval_examples, rollout, 1)
         texts, finished = [s.text for s in samples], np.array([s.finished for s in samples])
         metrics = {"eval/reward": float(rewards[valid].mean()) if valid.any() else float("nan")}
         correct = [None] * len(texts)
@@ -561,9 +593,11 @@ class Trainer:
         """Steps 1-2 of an RL step: prompts, K completions each, rewards, and the groups to train on.
         Moves the data position past the prompts read.
 
-        Returns `(batch, samples, sampled_scores, sampled_valid, data_metrics)`: the `RolloutBatch`
-        on the mesh, the trained `Sample`s, the rewards of everything sampled (before dynamic
-        sampling), and the prompts truncated or skipped for length."""
+        Returns `(batch, samples, sampled_scores, sampled_valid, trained_scores, data_metrics)`: the
+        `RolloutBatch` on the mesh, the trained `Sample`s, the raw rewards of everything sampled
+        (before dynamic sampling), the raw rewards of the trained rows, and the prompts truncated
+        or skipped for length. With `reward.normalize` the batch's scores are the sampled batch's
+        rewards whitened: what the update sees, never what is logged."""
         c = self.config
         step = int(self.state.step)
         generation_key, _ = step_keys(self.state, step)
@@ -576,23 +610,26 @@ class Trainer:
                                temperature=c.rollout.temperature)
 
         # 2. Rewards, on the host (verifiers are Python).
-        samples, scores, valid = self._score(examples, rollout, c.algo.num_samples)
-        sampled_scores, sampled_valid = scores, valid
+        samples, raw, valid = self._score(examples, rollout, c.algo.num_samples)
+        sampled_scores, sampled_valid = raw, valid
+        scores = raw  # what the update sees: whitened over everything sampled with reward.normalize
+        if self.reward_fn.normalize:
+            scores = np.where(valid, standardize(raw, valid), 0.0).astype(np.float32)
         arrays = [np.asarray(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)]
         if self.prompts_sampled_per_step > c.rollout.prompts_per_step:
             # Dynamic sampling (DAPO): train on the groups whose rewards differ.
-            rows = informative_rows(scores, valid, c.algo.num_samples, c.rollout.prompts_per_step)
-            arrays, scores, valid = [x[rows] for x in arrays], scores[rows], valid[rows]
+            rows = informative_rows(raw, valid, c.algo.num_samples, c.rollout.prompts_per_step)
+            arrays, scores, raw, valid = [x[rows] for x in arrays], scores[rows], raw[rows], valid[rows]
             samples = [samples[i] for i in rows]
         batch = RolloutBatch(*arrays, scores, valid)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
-        return batch, samples, sampled_scores, sampled_valid, data_metrics
+        return batch, samples, sampled_scores, sampled_valid, raw, data_metrics
 
     def step(self) -> dict:
         c = self.config
         start = time.perf_counter()
         _, shuffle_key = step_keys(self.state, int(self.state.step))
-        batch, samples, sampled_scores, sampled_valid, data_metrics = self.collect()
+        batch, samples, sampled_scores, sampled_valid, trained_scores, data_metrics = self.collect()
 
         # 3. Reference log-probabilities; with several updates also old log-probs, values, advantages.
         self.state, train_batch, metrics = self._prepare(self.state, batch)
@@ -623,17 +660,18 @@ class Trainer:
         metrics["train/skipped_updates"] = float(sum(not u["finite"] for u in update_scalars))
         if metrics["train/skipped_updates"]:
             self._report_nonfinite(metrics, update_scalars)
-        scores, valid, mask = (distributed.to_host(x) for x in (batch.scores, batch.valid, batch.mask))
+        valid, mask = (distributed.to_host(x) for x in (batch.valid, batch.mask))
         lengths = mask.sum(-1)
         finished = np.array([s.finished for s in samples])
         elapsed = time.perf_counter() - start
         ok = sampled_valid
         metrics.update({
-            # Rewards of everything sampled this step (before any dynamic-sampling selection).
+            # Raw rewards (before reward.normalize) of everything sampled this step (before any
+            # dynamic-sampling selection), and of the rows trained on.
             "reward/mean": float(sampled_scores[ok].mean()) if ok.any() else float("nan"),
             "reward/std": float(sampled_scores[ok].std()) if ok.any() else float("nan"),
             "reward/valid_fraction": float(ok.mean()),
-            "reward/trained_mean": float(scores[valid].mean()) if valid.any() else float("nan"),
+            "reward/trained_mean": float(trained_scores[valid].mean()) if valid.any() else float("nan"),
             "completion/mean_length": float(lengths.mean()),
             "completion/eos_fraction": float(finished.mean()),
             "step_time_s": elapsed,

@@ -266,6 +266,24 @@ def test_samples_are_laid_out_prompt_major(tiny_llama, prompts):
     np.testing.assert_array_equal(greedy.tokens, np.repeat(np.asarray(single.tokens), k, axis=0))
 
 
+def test_a_batch_sampled_in_parts_with_row_offsets_is_the_whole_batch(tiny_llama, prompts):
+    """Row r draws from fold_in(rng, row_offset + r) alone: prompts i:j sampled by themselves with
+    row_offset = i * K are exactly rows i*K:j*K of the whole batch's rollout, so micro-batches
+    change no completion; the offset is traced (one compilation for every part)."""
+    _, model = tiny_llama
+    ids, mask = (np.tile(x, (2, 1)) for x in prompts)  # 6 prompts, the 3 padding widths twice
+    kwargs = dict(max_new_tokens=T, rng=jax.random.key(4), num_samples=2, temperature=1.0, eos_token_id=[3, 17])
+    whole = generate(model, ids, mask, **kwargs)
+    parts = [generate(model, ids[:2], mask[:2], row_offset=0, **kwargs)]
+    traces = sampler._TRACE_COUNT
+    parts += [generate(model, ids[i:i + 2], mask[i:i + 2], row_offset=2 * i, **kwargs) for i in (2, 4)]
+    assert sampler._TRACE_COUNT == traces
+    for name in ("tokens", "mask", "logprobs"):
+        np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
+    # The same prompts at another offset draw other numbers (rows 6-9 repeat rows 0-3's prompts).
+    assert not np.array_equal(parts[0].tokens, parts[2].tokens[:4])
+
+
 def test_rollout_is_a_pytree_that_jit_passes_through(tiny_llama, prompts):
     _, model = tiny_llama
     out = generate(model, *prompts, max_new_tokens=T, rng=jax.random.key(0), temperature=0.0, eos_token_id=None)

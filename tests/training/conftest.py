@@ -8,12 +8,16 @@ from flax import nnx
 from jaxrl_llm import models
 from jaxrl_llm.tasks.tokenizer import VOCAB, save_char_tokenizer
 from jaxrl_llm.training import load_config
+from tests._tolerances import model_reductions
+
+# The tiny policy's reductions (prompts of up to 16 tokens + 4 new ones), for `float32_tolerance`.
+TINY_POLICY_REDUCTIONS = model_reductions(num_layers=2, hidden=32, intermediate=64, seq=20, vocab=len(VOCAB))
 
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_policy")
-    cfg = transformers.LlamaConfig(
+    cfg = transformers.LlamaConfig(  # the sizes of TINY_POLICY_REDUCTIONS
         vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,

@@ -164,6 +164,43 @@ def test_dropout_changes_the_update_and_is_reproducible(toy_config):
     assert Trainer(toy_config(LORA))._dropout_key(shuffle_key, 0) is None  # no dropout: no key, no masks
 
 
+def test_dropout_acts_in_the_gradient_only_never_in_the_reward_or_the_kl(toy_config, tmp_path):
+    """The sampler applies no dropout, so the KL in the reward, the advantages and the logged KL
+    come from a dropout-free forward: with lora.dropout 0.1 the reward and KL metrics are those
+    without dropout (what dropout 0 computes) for any dropout key and micro-batching, while the
+    gradient still has dropout in it."""
+    adapters = "model.lora={rank: 4, alpha: 8.0, dropout: 0.1}"
+    trainer = Trainer(toy_config(adapters))
+    micro = Trainer(toy_config(adapters, "train.micro_batch_size=8", f"train.run_dir={tmp_path / 'micro'}")).algorithm
+    # Adapters off zero (B starts at 0: dropout on their input would change nothing, and the
+    # policy would be its reference, with a KL of 0).
+    noise = lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape, p.dtype)  # noqa: E731
+    trainer.state = trainer.state.replace(params=jax.tree.map(noise, trainer.state.params))
+    batch, *_ = trainer.collect()
+
+    def update(algorithm, dropout_key):
+        """The step's metrics as `Trainer.step` reports them (prepare's first, then the update's
+        `Stat`s) and the update's gradient."""
+        state, train_batch, metrics = jax.jit(algorithm.prepare)(jax.tree.map(jnp.copy, trainer.state), batch)
+        (_, (aux, _)), grads = jax.jit(algorithm.value_and_grad)(state.params, train_batch, state.base_params,
+                                                                  dropout_key)
+        metrics = {key: float(value) for key, value in metrics.items()}
+        for key, stat in aux.items():
+            metrics.setdefault(key, float(stat.mean))
+        return metrics, jax.tree.leaves(numpy_tree(grads))
+
+    no_dropout, no_dropout_grads = update(trainer.algorithm, None)
+    assert no_dropout["kl"] > 1e-3
+    keys = [jax.random.key(1), jax.random.key(2), jax.random.key(1)]
+    for name, algorithm, key in zip(["key 1", "key 2", "micro-batches"], [trainer.algorithm, trainer.algorithm, micro],
+                                    keys):
+        metrics, grads = update(algorithm, key)
+        for metric in ("kl", "kl/objective", "kl/sequence", "reward/total", "advantage"):
+            np.testing.assert_allclose(metrics[metric], no_dropout[metric], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name}: {metric}")
+        assert max(float(np.abs(x - y).max()) for x, y in zip(grads, no_dropout_grads)) > 1e-4, name
+
+
 def test_checkpoints_hold_adapters_only_and_resume_exactly(toy_config, tiny_policy_dir, tmp_path):
     straight = Trainer(toy_config(LORA, "train.steps=4", f"train.run_dir={tmp_path / 'straight'}"))
     straight.run()

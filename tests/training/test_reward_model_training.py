@@ -152,3 +152,105 @@ def test_margin_field_and_centring_reach_the_gradient(tmp_path):
     base = grad_norm(np.zeros_like(margin), 0.0)
     assert abs(grad_norm(margin, 0.0) - base) > 1e-4 * base
     assert abs(grad_norm(np.zeros_like(margin), 0.5) - base) > 1e-4 * base
+
+
+def test_bf16_compute_keeps_float32_masters_and_every_small_step_lands(tmp_path, tiny_policy_dir):
+    """`model.dtype: bfloat16` computes in bfloat16 over float32 master weights (the policy
+    trainer's mixed precision): at lr 1e-5, over 99% of the weights that get a gradient move in 3
+    updates. Stored in bfloat16 (ulp ~1e-4 at 0.02), most such AdamW steps round away."""
+    from flax import nnx
+
+    from jaxrl_llm.models import reward_model_from_pretrained
+    from jaxrl_llm.training.reward_model import load_backbone, pair_loss, split_pairs
+
+    write_sevens_pairs(tmp_path / "pairs.jsonl", 30)  # 27 pairs to train on: 3 updates of 9
+    overrides = [f"model.path={tiny_policy_dir}", f"data.path={tmp_path / 'pairs.jsonl'}", "train.batch_size=9",
+                 "train.learning_rate=1e-5", "train.eval_every=1000", f"train.output_dir={tmp_path / 'out'}"]
+    start, tokenizer = load_backbone(load_rm_config(None, overrides))  # float32: where training starts
+    graphdef, start_params = nnx.split(start)
+    pairs, _ = split_pairs(load_rm_config(None, overrides), tokenizer)
+    batch = pairs.batch(np.arange(len(pairs)), len(pairs))
+    grads = jax.jit(jax.grad(lambda p: pair_loss(graphdef, p, *batch, center_coef=0.0)[0]))(start_params)
+
+    summary = train_reward_model(load_rm_config(None, [*overrides, "model.dtype=bfloat16"]))
+    assert summary["steps"] == 3
+    model_dir = summary["model_dir"]
+    stored = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["dtype"]
+    trained = nnx.state(reward_model_from_pretrained(model_dir, dtype=stored))  # the saved weights as stored
+    changed = touched = 0
+    for old, new, g in zip(jax.tree.leaves(start_params), jax.tree.leaves(trained), jax.tree.leaves(grads)):
+        got_gradient = np.asarray(g) != 0
+        touched += got_gradient.sum()
+        moved = np.asarray(new) != np.asarray(old.astype(new.dtype))
+        changed += moved[got_gradient].sum()
+    assert stored == "float32" and changed / touched > 0.99, (stored, changed / touched)
+
+
+def test_an_export_whose_tokenizer_pads_with_eos_scores_as_our_term_in_transformers(tmp_path, tiny_policy_dir):
+    """A tokenizer without a pad token pads with EOS, and train-rm appends EOS. transformers
+    scores a sequence at its last token that is not the config's pad id: the exported directory
+    declares another pad, so that transformers (saved tokenizer, padded batch) scores at the EOS
+    as our reward_model term does."""
+    import shutil
+
+    from jaxrl_llm.training.reward_model import load_backbone, save_reward_model
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(policy_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(policy_dir)
+    model, tokenizer = load_backbone(load_rm_config(None, [f"model.path={policy_dir}", "data.path=unused.jsonl"]))
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos  # how train-rm pads its batches
+    save_reward_model(model, tmp_path / "rm", tokenizer)
+
+    prompts, completions = ["12+30=", "5+5=", "99+1=", "7+7="], ["777", "10", "1000", "4"]
+    task = ArithmeticTask()
+    samples = [Sample(task.train_example(0)._replace(prompt=p), c, True, ()) for p, c in zip(prompts, completions)]
+    ours = np.asarray(reward_model_term(str(tmp_path / "rm"), batch_size=4)(samples))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm")
+    rows = [saved(p + c)["input_ids"] + [eos] for p, c in zip(prompts, completions)]
+    batch = saved.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    assert len({len(r) for r in rows}) > 1  # padded
+    with torch.no_grad():
+        theirs = hf(**batch).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert hf.config.pad_token_id == saved.pad_token_id != eos
+
+
+def test_the_exported_pad_is_a_new_id_inside_the_table_or_another_special_token():
+    from jaxrl_llm.tasks.tokenizer import char_tokenizer
+    from jaxrl_llm.training.reward_model import export_pad_token
+
+    tokenizer = char_tokenizer()  # 16 tokens: <pad> 0, <bos> 1, <eos> 2, <unk> 3, ...
+    tokenizer.pad_token = tokenizer.eos_token
+    grown, pad = export_pad_token(tokenizer, num_embeddings=20)  # 4 rows past the vocabulary
+    assert (pad, grown.pad_token, len(grown)) == (16, "<|pad|>", 17)
+    assert tokenizer.pad_token_id == 2 and len(tokenizer) == 16  # the caller's tokenizer is untouched
+    assert export_pad_token(tokenizer, num_embeddings=16)[1] == 1  # a full table: BOS
+    tokenizer.bos_token = tokenizer.unk_token = None
+    with pytest.raises(UserError, match="pads with EOS .* no special token other than EOS"):
+        export_pad_token(tokenizer, num_embeddings=16)
+
+
+def test_truncation_keeps_the_end_and_a_leading_bos():
+    """`train.max_length` cuts a long prompt + response from the left as the policy's prompts are
+    cut (`fit_prompts`): the end is kept, and so is the BOS the tokenizer put first (the
+    reward_model term scores with it)."""
+    import datasets
+    from tokenizers import processors
+
+    from jaxrl_llm.tasks.tokenizer import VOCAB, build_char_tokenizer
+    from jaxrl_llm.training.reward_model import Pairs
+
+    backend = build_char_tokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", VOCAB["<bos>"])])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                                     eos_token="<eos>", unk_token="<unk>")
+    rows = datasets.Dataset.from_list([{"prompt": "12+30+45=", "chosen": "87", "rejected": "77"}])
+    config = load_rm_config(None, ["data.path=unused.jsonl", "train.max_length=6"])
+    pairs = Pairs(rows, config, tokenizer, source="rows")
+    assert tokenizer("12+30+45=87")["input_ids"][0] == VOCAB["<bos>"]
+    assert pairs.chosen == [[VOCAB["<bos>"], *(VOCAB[c] for c in "5=87"), VOCAB["<eos>"]]]

@@ -4,6 +4,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,3 +147,22 @@ def test_export_loads_in_transformers_with_the_trained_logits(toy_config, tmp_pa
     start = Trainer(toy_config("train.steps=2"))  # untrained: the export must differ from it
     assert not np.allclose(np.asarray(nnx.merge(start.graphdef, start.state.params["policy"])(ids)), theirs, atol=1e-4)
     assert transformers.AutoTokenizer.from_pretrained(out).decode([4, 5]) == "01"
+
+
+def test_reward_normalization_changes_the_update_not_the_logged_rewards(toy_config):
+    """`reward.normalize` whitens the rewards the update sees; the logged rewards (and the
+    progress bar's) stay raw, so a run's progress shows."""
+    trainer = Trainer(toy_config())
+    start = jax.tree.map(jnp.copy, trainer.state)
+    metrics, params = [], []
+    for normalize in (False, True):  # the same step from the same state, with and without
+        trainer.state, trainer.data_position = jax.tree.map(jnp.copy, start), 0
+        trainer.reward_fn.normalize = normalize
+        metrics.append(trainer.step())
+        params.append(jax.tree.leaves(trainer.state.params))
+    a, b = metrics
+    for key in ("reward/mean", "reward/std", "reward/trained_mean"):
+        assert b[key] == a[key], (key, b[key], a[key])
+    assert (a["reward/mean"], a["reward/std"]) != pytest.approx((0.0, 1.0), abs=1e-3)  # raw, not whitened
+    moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(*params))
+    assert moved > 1e-4  # the whitened rewards change the update
