@@ -450,8 +450,8 @@ def stage_update(smoke: bool, workdir: Path) -> dict:
     from jaxrl_llm import models
     from jaxrl_llm.training import load_config
     from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch
-    from jaxrl_llm.training.state import TrainState
-    from jaxrl_llm.training.trainer import make_optimizer, update_step
+    from jaxrl_llm.training.setup import make_optimizer
+    from jaxrl_llm.training.state import TrainState, update_step
 
     prompts, k, p, t = SHAPES[smoke]["update"]
     hf_config = transformers.LlamaConfig(**qwen_config(smoke))

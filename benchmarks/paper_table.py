@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from algorithms import machine  # noqa: E402
 
 from jaxrl_llm.rewards import Sample  # noqa: E402
+from jaxrl_llm.rollout.decode import decode_completions  # noqa: E402
 from jaxrl_llm.tasks import gold_judge  # noqa: E402
 from jaxrl_llm.training import Trainer, load_config  # noqa: E402
 from jaxrl_llm.training.reward_model import load_rm_config, train_reward_model  # noqa: E402
-from jaxrl_llm.training.trainer import decode_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxrl_llm.errors import UserError
-from jaxrl_llm.rewards import verifiers
+from jaxrl_llm.tasks import verifiers
+from jaxrl_llm.tasks.verifiers import ANSWER_VERIFIERS, exact_match, numeric, parse_number, regex
 
 
 class Sample(NamedTuple):
@@ -128,7 +129,7 @@ def python_term(target: str) -> Term:
 
 
 def verifier_term(kind: str, pattern: str | None = None) -> Term:
-    """A built-in verifier (`rewards/verifiers.py`): `exact_match` or `numeric` against each
+    """A built-in verifier (`tasks/verifiers.py`): `exact_match` or `numeric` against each
     example's answer, or `regex` (a format reward: 1 when the completion matches `pattern`)."""
     if kind == "regex":
         score = verifiers.regex(pattern)
@@ -288,5 +289,6 @@ def build_reward(reward_config, task) -> RewardFunction:
     )
 
 
-__all__ = ["RewardError", "RewardFunction", "Sample", "build_reward", "load_function", "python_term", "standardize",
-           "reward_model_term", "task_term", "trl_arguments", "verifier_term"]
+__all__ = ["ANSWER_VERIFIERS", "RewardError", "RewardFunction", "Sample", "build_reward", "exact_match", "load_function",
+           "numeric", "parse_number", "python_term", "regex", "standardize", "reward_model_term", "task_term",
+           "trl_arguments", "verifier_term", "verifiers"]

@@ -49,6 +49,11 @@ def task_verifies(task) -> bool:
     return bool(getattr(task, "verifies", hasattr(task, "score_batch")))
 
 
+def exact_accuracy(task, examples, texts, finished) -> float:
+    """Share of completions the task's verifier gives full marks (partial credit does not count)."""
+    return float(np.mean(np.asarray(task.score_batch(examples, texts, finished)) >= 1.0))
+
+
 def check_batch_lengths(examples: Sequence, texts: Sequence, finished: Sequence | np.ndarray) -> None:
     """ValueError unless examples, texts and finished have the same length."""
     n = len(examples)

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxrl_llm.errors import UserError
-from jaxrl_llm.rewards.verifiers import ANSWER_VERIFIERS
 from jaxrl_llm.tasks.base import Example, check_batch_lengths
+from jaxrl_llm.tasks.verifiers import ANSWER_VERIFIERS
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _EVAL_SPLIT_SALT = 0x0E7A1  # the held-out rows of `eval_fraction` do not move with shuffle_seed

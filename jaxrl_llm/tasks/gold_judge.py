@@ -73,7 +73,7 @@ def sample_pairs(trainer, num_prompts: int, *, num_samples: int = 4, noise: floa
     `num_prompts` training prompts at temperature 1, labelled by the gold judge (`preference_pairs`)."""
     import jax
 
-    from jaxrl_llm.training.trainer import decode_completions
+    from jaxrl_llm.rollout.decode import decode_completions
 
     examples = trainer.task.train_batch(0, num_prompts)
     rollout = trainer._sample(trainer._tokenize(examples), jax.random.PRNGKey(seed), num_samples=num_samples,

@@ -1,10 +1,10 @@
 """TrainState, algorithm step functions, the trainer loop and Orbax checkpoints."""
 
-from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, TrainBatch
-from jaxrl_llm.training.checkpoint import Checkpointer
-from jaxrl_llm.training.config import ALGORITHMS, Config, load_config
+from jaxrl_llm.training.algorithms import ALGORITHMS, Algorithm, RolloutBatch, TrainBatch
+from jaxrl_llm.training.checkpoint import Checkpointer, export
+from jaxrl_llm.training.config import Config, load_config
 from jaxrl_llm.training.state import TrainState
-from jaxrl_llm.training.trainer import Trainer, export, train
+from jaxrl_llm.training.trainer import Trainer, train
 
 __all__ = [
     "ALGORITHMS",

@@ -9,6 +9,8 @@ on a filesystem without atomic renames), in which case the step before it is
 used (`tests/training/test_interruptions.py`). The state is stored as a flat
 `{"params/policy/...": array}` mapping (plain string keys, whatever pytree
 classes the state uses), restored into the structure and shardings of a template.
+
+`export` writes the policy of a checkpoint as a Hugging Face (or, with LoRA, PEFT) directory.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrl_llm import models
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.models import lora
+from jaxrl_llm.training.config import Config
+from jaxrl_llm.training.setup import resolve_model_path
 
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory being written
@@ -130,3 +136,28 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def export(config: Config, output: str | Path, *, step: int | None = None, merge: bool = False) -> tuple[Path, int]:
+    """Write the policy of a run's checkpoint (`step`, default the latest); returns the directory
+    and the step written.
+
+    Full fine-tuning: a Hugging Face directory (`save_pretrained`). LoRA: a PEFT adapter directory
+    (`adapter_config.json`, `adapter_model.safetensors`) for `peft.PeftModel.from_pretrained` on the
+    base model, or with `merge` the base with the adapters folded in, as a Hugging Face directory.
+    The tokenizer is written beside either."""
+    from jaxrl_llm.training.trainer import Trainer  # it uses this module: imported here, no cycle
+
+    trainer = Trainer(config)
+    step = trainer.restore(step, asked_by="train.run_dir" if step is None else "--step")
+    policy = trainer.policy_model()
+    output = Path(output)
+    if trainer.lora_spec is None:
+        models.save_pretrained(policy, output)
+    elif merge:
+        models.save_pretrained(lora.merge_lora(policy), output)
+    else:
+        directory, _ = resolve_model_path(config)
+        lora.save_peft_adapter(policy, output, base_model_name_or_path=str(Path(directory).absolute()))
+    trainer.tokenizer.save_pretrained(str(output))
+    return output, step

@@ -23,8 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxrl_llm.errors import UserError
-
-ALGORITHMS = ("reinforce", "vanilla_pg", "rloo", "ppo", "grpo", "raft")
+from jaxrl_llm.training.algorithms.registry import get_spec
 
 
 @dataclass
@@ -122,18 +121,19 @@ class RewardConfig:
 class AlgoConfig:
     """The RL algorithm and its hyper-parameters."""
 
-    name: Literal["reinforce", "vanilla_pg", "rloo", "ppo", "grpo", "raft"] = "rloo"
+    name: str = "rloo"  # one of ALGORITHMS: a module of training/algorithms/
     num_samples: int = 4  # K completions per prompt
     kl_coef: float = 0.05
-    # KL estimator of the objective (in the reward; in the loss for grpo). None: k1, and k3 for grpo.
+    # KL estimator of the objective (in the reward; in the loss for grpo). None: the algorithm's
+    # default (k1, and k3 for grpo).
     kl_kind: Literal["k1", "k2", "k3"] | None = None
     baseline: Literal["batch", "ema"] = "batch"  # REINFORCE baseline
     ema_decay: float = 0.9
     update_epochs: int = 1  # passes over each batch; >1 (or num_minibatches > 1) turns on the clipped ratio
     num_minibatches: int = 1
     # What one clipped ratio covers when there are several updates per batch: a whole completion
-    # ("sequence", TRL's RLOO) or one token ("token", PPO). None: sequence for reinforce, vanilla_pg
-    # and rloo, token for ppo and grpo.
+    # ("sequence", TRL's RLOO) or one token ("token", PPO). None: the algorithm's default (sequence
+    # for reinforce, vanilla_pg and rloo, token for ppo and grpo).
     ratio_level: Literal["sequence", "token"] | None = None
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
@@ -175,7 +175,7 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (`trainer.learning_rate_schedule`). The schedule counts
+    """AdamW and its learning-rate schedule (`setup.learning_rate_schedule`). The schedule counts
     optimizer updates, train.steps x algo.update_epochs x algo.num_minibatches of them: the warmup
     is `warmup_steps` updates (not RL steps) from 0 to `learning_rate`, and a linear or cosine
     decay then runs over the remaining updates, ending at the last one."""
@@ -348,10 +348,11 @@ def _parse_value(raw: str):
 def validate(config: Config) -> Config:
     """Cross-field checks that a type alone cannot express."""
     a, r, t = config.algo, config.rollout, config.train
+    spec = get_spec(a.name)
     checks = [
         (a.num_samples >= 1, "algo.num_samples", a.num_samples, "an integer >= 1"),
-        (a.name not in ("rloo", "grpo") or a.num_samples >= 2, "algo.num_samples", a.num_samples,
-         f">= 2 for {a.name} (it compares the K samples of a prompt)"),
+        (a.num_samples >= spec.min_samples, "algo.num_samples", a.num_samples,
+         f">= {spec.min_samples} for {a.name} (it compares the K samples of a prompt)"),
         (a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, ">= 0"),
         (a.update_epochs >= 1, "algo.update_epochs", a.update_epochs, ">= 1"),
         (a.num_minibatches >= 1 and r.prompts_per_step % a.num_minibatches == 0, "algo.num_minibatches",
@@ -381,11 +382,10 @@ def validate(config: Config) -> Config:
     for ok, name, value, expected in checks:
         if not ok:
             raise UserError(f"`{name}`: got {value!r}, expected {expected}.")
-    if a.ratio_level == "sequence" and a.name == "ppo":
-        raise UserError("`algo.ratio_level`: got 'sequence', expected 'token' or None for ppo "
-                         "(GAE gives one advantage per token, and a sequence ratio needs one per completion).")
-    if a.ratio_level is not None and a.name == "raft":
-        raise UserError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected None for raft (it has no ratio).")
+    if a.ratio_level is not None and a.ratio_level not in spec.ratio_levels:
+        allowed = " or ".join(repr(level) for level in (*spec.ratio_levels, None))
+        raise UserError(f"`algo.ratio_level`: got {a.ratio_level!r}, expected {allowed} for {a.name} "
+                        f"({spec.ratio_note}).")
     sequences = r.prompts_per_step * a.num_samples
     update_sequences = sequences // a.num_minibatches
     if t.micro_batch_size is not None and (t.micro_batch_size < 1 or t.micro_batch_size % a.num_samples

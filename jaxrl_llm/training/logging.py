@@ -1,5 +1,6 @@
 """Where metrics go: `metrics.jsonl` (one line per step), `samples.jsonl` (eval completions),
-TensorBoard events, Weights & Biases when configured, a PNG at the end.
+TensorBoard events, Weights & Biases when configured, a PNG at the end; and the progress bar
+and held-out summary lines the trainer prints.
 
 Every JSON file here is strict JSON: a non-finite number (a NaN reward mean when every sample
 failed) is written as `null`, which every JSON reader accepts, never as a bare `NaN`.
@@ -149,3 +150,59 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def describe_eval(metrics: dict) -> str:
+    """`accuracy 41.0%, pass@4 60.5%, mean@4 35.2%, reward 0.410`."""
+    parts = [f"{key.split('/', 1)[1]} {value:.1%}" for key, value in metrics.items()
+             if key.startswith(("eval/accuracy", "eval/pass@", "eval/mean@"))]
+    return ", ".join(parts + [f"reward {metrics['eval/reward']:.3f}"])
+
+
+class Progress:
+    """The progress bar. The first step of a process compiles the sampler, prepare and update:
+    that is reported once, and the bar starts after it, so its rate and ETA are steady-state
+    (and on `--resume` it continues from the resumed step)."""
+
+    def __init__(self, *, enabled: bool, total: int, before: dict):
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.latest_eval = self.headline(before)
+
+    @staticmethod
+    def headline(metrics: dict) -> tuple[str, float] | None:
+        """The held-out number shown: accuracy, or the reward without a verifier."""
+        for key, label in (("eval/accuracy", "eval"), ("eval/reward", "eval reward")):
+            if key in metrics:
+                return label, metrics[key]
+        return None
+
+    def update(self, done: int, metrics: dict, compile_seconds: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            print(f"step {done}: compiled in {compile_seconds:.1f} s, step time "
+                  f"{metrics['step_time_s']:.2f} s with compilation", flush=True)
+            self.bar = tqdm(initial=done, total=self.total, desc="RL steps", unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(1)
+        self.latest_eval = self.headline(metrics) or self.latest_eval
+        self.bar.set_postfix(self.fields(metrics))
+
+    def fields(self, metrics: dict) -> dict:
+        """What the bar shows, named for the samples each covers: the mean reward of everything
+        sampled this step, the exact-answer rate of the groups trained on, the KL to the
+        reference, and the latest held-out accuracy."""
+        shown = {"reward(all)": metrics["reward/mean"]}
+        if "train/accuracy" in metrics:  # a task with a verifier
+            shown["acc(trained)"] = metrics["train/accuracy"]
+        if "kl" in metrics:  # raft has no reference
+            shown["kl"] = metrics["kl"]
+        if self.latest_eval is not None:
+            shown[self.latest_eval[0]] = self.latest_eval[1]
+        return {k: f"{v:.3f}" for k, v in shown.items()}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -36,11 +36,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrl_llm import models, parallel
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.rollout import generate
-from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch
+from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, get_spec
 from jaxrl_llm.training.config import Config
-from jaxrl_llm.training.state import TrainState
-from jaxrl_llm.training.trainer import (compute_dtype, make_optimizer, policy_dtype, resolve_model_path, split_policy,
-                                       update_step)
+from jaxrl_llm.training.setup import compute_dtype, make_optimizer, policy_dtype, resolve_model_path, split_policy
+from jaxrl_llm.training.state import TrainState, update_step
 
 GiB = 1024**3
 PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
@@ -93,7 +92,8 @@ def abstract_setup(config: Config, mesh):
     policy.set_execution(remat=m.remat, scan_layers=m.scan_layers, attention=_planned_attention(m.attention),
                          attention_block=m.attention_block)
     critic_graphdef = critic_params = None
-    if c.algo.name == "ppo":
+    spec = get_spec(c.algo.name)
+    if spec.critic:
         critic = nnx.eval_shape(lambda: models.make_critic(
             models.from_config(hf_config, dtype=jnp.dtype(m.param_dtype)), c.algo.critic, rngs=nnx.Rngs(0)))
         if c.algo.critic == "separate":
@@ -110,7 +110,7 @@ def abstract_setup(config: Config, mesh):
     optimizer = make_optimizer(c)
     state = jax.eval_shape(lambda p, q, b: TrainState.create(
         policy_params=p, critic_params=q, optimizer=optimizer, seed=c.train.seed,
-        ema_baseline=c.algo.name == "reinforce" and c.algo.baseline == "ema",
+        ema_baseline=spec.uses_ema_baseline(c.algo),
         reference=algorithm.uses_reference, reference_dtype=dtype, base_params=b), policy_params, critic_params,
         base_params)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.param_sharding(x, mesh)),

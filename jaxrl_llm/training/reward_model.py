@@ -222,7 +222,7 @@ def export_pad_token(tokenizer, *, num_embeddings: int, eos_ids=()):
 def load_backbone(config: RMConfig):
     """`(RewardModel, tokenizer)`: a reward-model directory as it is, or a causal LM with a new head."""
     from jaxrl_llm.training.config import Config
-    from jaxrl_llm.training.trainer import load_tokenizer, resolve_model_path
+    from jaxrl_llm.training.setup import load_tokenizer, resolve_model_path
 
     m = config.model
     directory, gguf_file = resolve_model_path(Config(model=ModelConfig(path=m.path, gguf_file=m.gguf_file)))
@@ -246,7 +246,7 @@ class Pairs:
     """Tokenized pairs: `chosen` and `rejected` token rows (prompt + response + EOS) and margins."""
 
     def __init__(self, rows, config: RMConfig, tokenizer, *, source: str):
-        from jaxrl_llm.training.trainer import truncate_left
+        from jaxrl_llm.training.prompts import truncate_left
 
         d, t = config.data, config.train
         check_columns(rows, config, source)
@@ -332,7 +332,7 @@ def pair_loss(graphdef, params, ids, mask, margin, real, *, center_coef: float, 
 
 def train_reward_model(config: RMConfig) -> dict:
     """Train, evaluate and save; returns the summary (also written to `output_dir/summary.json`)."""
-    from jaxrl_llm.training.trainer import learning_rate_schedule
+    from jaxrl_llm.training.setup import learning_rate_schedule
 
     t = config.train
     out = Path(t.output_dir)

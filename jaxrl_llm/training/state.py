@@ -9,11 +9,13 @@ With LoRA, `params["policy"]` is the adapters only and `base_params` the frozen 
 weights, held once: the policy is base + adapters, the reference is the base with the
 adapters off, so `ref_params` is None. Checkpoints leave `base_params` out (the trainer
 names the base by path and hash instead).
+
+`update_step` is one optimizer step on the state.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,9 @@ from flax import struct
 
 from jaxrl_llm import models
 from jaxrl_llm.objectives import EMABaselineState, ema_baseline_init
+
+if TYPE_CHECKING:  # an annotation only: the algorithms need not be imported with the state
+    from jaxrl_llm.training.algorithms import Algorithm
 
 
 class TrainState(struct.PyTreeNode):
@@ -62,3 +67,24 @@ class TrainState(struct.PyTreeNode):
 def step_keys(state: TrainState, step: int):
     """`(generation_key, shuffle_key)` of a step: a pure function of the base key and the step."""
     return tuple(jax.random.split(jax.random.fold_in(state.rng, step), 2))
+
+
+def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch,
+                dropout_key=None):
+    """One optimizer step on `batch` (micro-batch by micro-batch when configured):
+    `(new state, (aux Stats, {"loss/total", "grad_norm", "finite"}))`. Only `state.params` are
+    differentiated and updated (a LoRA policy's base is read, never touched). `dropout_key`: the
+    LoRA adapters' dropout in this update's forward (None: none).
+
+    A non-finite loss or gradient norm leaves the state as it was (`finite` False): applied, a
+    NaN would reach every parameter, and the host decides whether to stop or skip the batch."""
+    (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch, state.base_params,
+                                                                    dropout_key)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state, baseline_state),
+                        (state.params, state.opt_state, state.baseline))
+    scalars = {"loss/total": loss, "grad_norm": grad_norm, "finite": finite}
+    return state.replace(params=kept[0], opt_state=kept[1], baseline=kept[2]), (aux, scalars)

@@ -44,7 +44,7 @@ def test_overrides_are_typed():
         ("algo.kl_coeff=0.1", r"`algo`: unknown key\(s\) \['kl_coeff'\]; valid keys are \[.*'kl_coef'"),
         ("trainer.steps=3", r"unknown key\(s\) \['trainer'\]; valid keys are \['algo', 'mesh', 'model'"),
         ("train.steps=many", r"`train.steps`: got 'many' \(str\), expected int"),
-        ("algo.name=dpo", r"`algo.name`: got 'dpo', expected one of \['reinforce'"),
+        ("algo.name=dpo", r"`algo.name`: got 'dpo', expected one of \['grpo'"),
         ("algo.num_samples=1", r"`algo.num_samples`: got 1, expected >= 2 for rloo"),
         ("rollout.temperature=0", r"`rollout.temperature`: got 0.0, expected > 0"),
         ("algo.num_minibatches=3", r"`algo.num_minibatches`: got 3, expected a divisor"),

@@ -10,7 +10,7 @@ import pytest
 from jaxrl_llm import UserError
 from jaxrl_llm.training import Trainer
 from jaxrl_llm.rollout.padding import bucket_width
-from jaxrl_llm.training.trainer import fit_prompts
+from jaxrl_llm.training.prompts import fit_prompts
 
 
 def prompt_width(longest, limit):

@@ -15,7 +15,7 @@ import pytest
 
 from jaxrl_llm import UserError
 from jaxrl_llm.training import Checkpointer, Trainer, load_config
-from jaxrl_llm.training.trainer import InvalidRewards, NonFiniteUpdate
+from jaxrl_llm.training.runtime import InvalidRewards, NonFiniteUpdate
 
 ROOT = Path(__file__).parents[2]
 MAIN = ROOT / "configs" / "rloo_arithmetic.yaml"

@@ -23,7 +23,7 @@ from jaxrl_llm.models import lora
 from jaxrl_llm.training import Algorithm, Trainer
 from jaxrl_llm.training.algorithms import sequence_inputs
 from jaxrl_llm.training.state import step_keys
-from jaxrl_llm.training.trainer import export
+from jaxrl_llm.training.checkpoint import export
 from tests.models.conftest import hf_positions
 
 LORA = "model.lora={rank: 4, alpha: 8.0}"
@@ -142,7 +142,7 @@ def test_dropout_changes_the_update_and_is_reproducible(toy_config):
     the training forward) and is the same for the same key; micro-batches draw their own masks."""
     import functools
 
-    from jaxrl_llm.training.trainer import update_step
+    from jaxrl_llm.training.state import update_step
 
     trainer = Trainer(toy_config("model.lora={rank: 4, alpha: 8.0, dropout: 0.3}", "train.micro_batch_size=16"))
     trainer.step()  # B off zero, so that dropout on the adapters' input matters

@@ -9,7 +9,7 @@ import yaml
 
 from jaxrl_llm import UserError
 from jaxrl_llm.rewards import RewardError, RewardFunction, Sample, build_reward, python_term, trl_arguments
-from jaxrl_llm.rewards.verifiers import exact_match, numeric, parse_number, regex
+from jaxrl_llm.tasks.verifiers import exact_match, numeric, parse_number, regex
 from jaxrl_llm.tasks import Example
 from jaxrl_llm.training import load_config
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm.training import load_config
-from jaxrl_llm.training.trainer import make_optimizer
+from jaxrl_llm.training.setup import make_optimizer
 
 STEPS, EPOCHS, MINIBATCHES, WARMUP = 10, 2, 2, 4
 UPDATES = STEPS * EPOCHS * MINIBATCHES  # 40 optimizer updates

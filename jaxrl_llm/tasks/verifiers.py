@@ -11,6 +11,9 @@ task's `verifier: numeric`) and from Python as a plain function of one completio
 The answer verifiers give 1.0 only to a completion that ended (EOS or a stop token): a
 completion cut off at `rollout.max_new_tokens` may stop in the middle of a number
 ("... is 12" of "... is 125").
+
+They live with the tasks, below the rewards, because a dataset task scores with them too;
+`jaxrl_llm.rewards` re-exports them.
 """
 
 from __future__ import annotations

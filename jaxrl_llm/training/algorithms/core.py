@@ -1,4 +1,5 @@
-"""Each algorithm as two pure functions composed from `jaxrl_llm.objectives`.
+"""The shared machinery that runs any `AlgorithmSpec`: forward passes, `prepare`, the loss,
+micro-batch accumulation, denominators and minibatches. It knows no algorithm by name.
 
 `prepare(state, rollout) -> (state, batch, metrics)` computes what stays fixed during the
 updates of one RL step: the reference log-probabilities and, when there are several updates
@@ -6,39 +7,24 @@ per batch, the rollout-time ("old") log-probabilities, the critic's old values a
 advantages. `loss(params, batch) -> (loss, (aux, baseline_state))` is what the optimizer
 differentiates, once or for several epochs x minibatches.
 
-| algorithm  | advantage                                  | loss                                     |
-|------------|--------------------------------------------|------------------------------------------|
-| vanilla_pg | R (no baseline)                            | reinforce_loss(baseline=0)               |
-| reinforce  | R - batch mean (or EMA of past batches)    | reinforce_loss                           |
-| rloo       | R - mean of the other K-1 samples          | rloo_loss                                |
-| grpo       | (score - group mean) / group std           | grpo_loss (KL in the loss, k3)           |
-| raft       | - (SFT on the best of K)                   | raft_loss (no reference, no KL)          |
-| ppo        | GAE on KL-shaped token rewards, whitened   | ppo_loss with the clipped value loss     |
-
-R = score - kl_coef * sum_t kl_t (the bandit reward of the source document), kl_t the
-`algo.kl_kind` estimator (k1 by default; GRPO's in-loss KL defaults to k3).
-
 One update per batch (the default): the policy being differentiated is the one that
-sampled, so no "old" forward pass runs. REINFORCE/RLOO are exactly the seed's estimator
-(`reinforce_loss`, `rloo_loss`); GRPO and PPO take the current log-probabilities (and PPO the
-current values) under stop_gradient as the old ones, as TRL does: the ratio is exactly 1.
-With LoRA dropout the loss's forward is not the sampling policy's (the sampler drops nothing
-out): `prepare` then runs a dropout-free forward, whose log-probabilities give the reward's KL,
-the advantages and the logged KL, whatever the micro-batching or the dropout key.
+sampled, so no "old" forward pass runs: its own log-probabilities under stop_gradient are the
+"old" ones (ratio exactly 1), as TRL does. With LoRA dropout the loss's forward is not the
+sampling policy's (the sampler drops nothing out): `prepare` then runs a dropout-free forward,
+whose log-probabilities give the reward's KL, the advantages and the logged KL, whatever the
+micro-batching or the dropout key.
 
 Several updates per batch (`update_epochs > 1` or `num_minibatches > 1`): advantages are
-fixed in `prepare` from an old forward pass, and every algorithm but RAFT optimises the
-clipped surrogate of `ppo_loss` / `grpo_loss`. `algo.ratio_level` says what one ratio is:
-`sequence` (the default for reinforce, vanilla_pg and rloo) clips one ratio per completion,
-exp(sum_t log pi - log pi_old), as TRL's RLOO does, so the whole completion stays one action;
-`token` (the default for ppo and grpo) clips each token's ratio.
+fixed in `prepare` from an old forward pass, and the objective clips a ratio at
+`algo.ratio_level`: `sequence` clips one ratio per completion, exp(sum_t log pi - log pi_old),
+as TRL's RLOO does, so the whole completion stays one action; `token` clips each token's.
 
 Micro-batches (`train.micro_batch_size`): every forward pass of `prepare` and every
 forward/backward of an update runs on micro-batches of whole prompt groups, and the
 update's gradient is their sum. What spans the whole batch is fixed first, on the whole
-batch: the loss denominators (`loss_denominator`), REINFORCE's baseline, GRPO's and PPO's
-advantages (whitening is batch-wide). So the update equals the one-pass update and the
-algorithm never changes with the micro-batch size; only memory and time do.
+batch: the loss denominators (`loss_denominator`), a batch-wide baseline, batch-wide
+advantages. So the update equals the one-pass update and the algorithm never changes with
+the micro-batch size; only memory and time do.
 
 Mixed precision (`model.dtype` bfloat16, `model.param_dtype` float32): the parameters and
 the optimizer state stay float32; each forward pass runs on a bfloat16 cast of them (the
@@ -49,7 +35,7 @@ dtype: it is only ever read by forward passes.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,61 +46,9 @@ from jaxrl_llm import models
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.models import lora
 from jaxrl_llm.objectives import Stat
-from jaxrl_llm.training.config import AlgoConfig
-
-BANDIT = ("reinforce", "vanilla_pg", "rloo")
-DEFAULT_AGGREGATION = {
-    "reinforce": "seq-mean-token-sum",
-    "vanilla_pg": "seq-mean-token-sum",
-    "rloo": "seq-mean-token-sum",
-    "grpo": "seq-mean-token-mean",
-    "raft": "token-mean",
-    "ppo": "token-mean",
-}
-
-
-def default_kl_kind(name: str) -> str:
-    """k3 for GRPO's KL in the loss (k1 there has zero expected gradient), k1 in every reward."""
-    return "k3" if name == "grpo" else "k1"
-
-
-def default_ratio_level(name: str) -> str:
-    """One ratio per completion for the bandit algorithms, per token for PPO and GRPO."""
-    return "sequence" if name in BANDIT else "token"
-
-
-class RolloutBatch(NamedTuple):
-    """What the sampler and the reward produced; N = prompts * K, prompt-major."""
-
-    prompt_ids: jax.Array  # [N, P] left-padded
-    prompt_mask: jax.Array  # [N, P]
-    tokens: jax.Array  # [N, T] completion tokens
-    mask: jax.Array  # [N, T] 1 up to and including EOS
-    scores: jax.Array  # [N] total reward (0 where invalid)
-    valid: jax.Array  # [N] bool: the reward is usable
-
-
-class TrainBatch(NamedTuple):
-    """What the updates of one RL step read; the optional fields are fixed by `prepare`."""
-
-    rollout: RolloutBatch
-    # [N, T] the sampling policy at its temperature, from `prepare` (several updates, micro-batches
-    # or dropout); None: one update whose loss forward is the sampling policy and measures them.
-    old_logprobs: jax.Array | None
-    ref_logprobs: jax.Array | None  # [N, T] (None: RAFT, which has no reference term)
-    advantages: jax.Array | None  # [N] (bandit, grpo) or [N, T] (ppo); None: computed in the loss
-    baseline_state: obj.EMABaselineState | None  # REINFORCE's EMA baseline (before this batch if the loss advances it)
-    old_values: jax.Array | None  # [N, T] PPO with several updates only
-    returns: jax.Array | None  # [N, T] PPO with several updates only
-    # REINFORCE's baseline for this batch, fixed in `prepare` when the update is split into
-    # micro-batches (a micro-batch's own mean is not the batch's); None: the loss computes it.
-    baseline: jax.Array | None = None
-
-
-class Forward(NamedTuple):
-    logprobs: jax.Array  # [N, T]
-    entropy: jax.Array  # [N, T]
-    hidden: jax.Array  # [N, P + T, D] final hidden states of the whole sequence
+from jaxrl_llm.training.algorithms.base import (AdvantageInputs, Forward, ObjectiveInputs, RolloutBatch,
+                                                TrainBatch)
+from jaxrl_llm.training.algorithms.registry import get_spec
 
 
 def sequence_inputs(rollout: RolloutBatch):
@@ -166,7 +100,8 @@ def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_
 
 
 class Algorithm:
-    """The prepare/loss pair of one algorithm, closed over the model graph and the config.
+    """The prepare/loss pair of one algorithm (`algo.name`'s spec), closed over the model graph
+    and the config.
 
     `compute_dtype`: the dtype of every forward pass (None: the parameters' own);
     `micro_batch_size`: sequences per forward/backward pass (None: the whole batch at once);
@@ -180,11 +115,12 @@ class Algorithm:
     the reference forward is the base alone. No reference copy exists.
     """
 
-    def __init__(self, algo: AlgoConfig, *, graphdef, critic_graphdef=None, temperature: float,
+    def __init__(self, algo, *, graphdef, critic_graphdef=None, temperature: float,
                  chunk_size: int | None, vocab_chunk_size: int | None = None, top_k: int = 0, top_p: float = 1.0,
                  compute_dtype=None, micro_batch_size: int | None = None, reference_graphdef=None,
                  dropout: bool = False):
         self.cfg = algo
+        self.spec = spec = get_spec(algo.name)
         self.dropout = dropout
         self.graphdef = graphdef
         self.reference_graphdef = reference_graphdef
@@ -195,13 +131,14 @@ class Algorithm:
         self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
         self.compute_dtype = compute_dtype
         self.micro_batch_size = micro_batch_size
-        self.aggregation = algo.aggregation or DEFAULT_AGGREGATION[algo.name]
-        self.kl_kind = algo.kl_kind or default_kl_kind(algo.name)
-        self.ratio_level = algo.ratio_level or default_ratio_level(algo.name)
+        self.aggregation = algo.aggregation or spec.aggregation
+        self.kl_kind = algo.kl_kind or spec.kl_kind
+        self.ratio_level = algo.ratio_level or spec.default_ratio_level
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
-        self.uses_reference = algo.name != "raft"
-        if (algo.name == "ppo") != (critic_graphdef is not None):
-            raise UserError("A critic is built for PPO and only for PPO.")
+        self.uses_reference = spec.uses_reference
+        if spec.critic != (critic_graphdef is not None):
+            raise UserError(f"`algo.name`: {algo.name} {'needs' if spec.critic else 'has no'} critic, but one was "
+                            f"{'not ' if spec.critic else ''}given (build one exactly when the spec says `critic`).")
         if micro_batch_size is not None and micro_batch_size % algo.num_samples:
             raise UserError(f"`train.micro_batch_size`: got {micro_batch_size}, expected a multiple of "
                              f"algo.num_samples={algo.num_samples} (micro-batches hold whole prompt groups).")
@@ -221,12 +158,12 @@ class Algorithm:
         """Whether `prepare` runs the policy before the updates: for the "old" log-probabilities of
         several updates; with LoRA dropout, for the sampling policy's log-probabilities (the
         sampler applies none, the loss's forward does); or, with one update in micro-batches, for
-        what spans the batch and needs them (REINFORCE's baseline, PPO's whitened GAE advantages)."""
-        if self.cfg.name == "raft":
+        what spans the batch and reads them (a batch-wide baseline, whitened GAE advantages)."""
+        if not self.spec.reads_sampling_policy:
             return False
         if not self.single_update or self.dropout:
             return True
-        return self.num_micro_batches(num_sequences) > 1 and self.cfg.name in ("reinforce", "ppo")
+        return self.num_micro_batches(num_sequences) > 1 and self.spec.spans_batch_reads_policy
 
     def _forward(self, params, rollout, base=None, dropout_key=None):
         """The policy's forward; `base`: the frozen base a LoRA policy's adapters sit on."""
@@ -247,54 +184,15 @@ class Algorithm:
                              vocab_chunk_size=self.vocab_chunk_size, compute_dtype=self.compute_dtype)
         return jax.lax.stop_gradient(ref.logprobs)
 
-    def _ema_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):
-        """`(baseline_state after this batch, baseline for this batch)` of REINFORCE's EMA baseline."""
-        seq_rewards = obj.sequence_rewards(rollout.scores, sampling_logprobs, ref_logprobs, rollout.mask,
-                                           kl_coef=self.cfg.kl_coef, kind=self.kl_kind)
-        return obj.ema_baseline_update(baseline_state, seq_rewards, decay=self.cfg.ema_decay, valid=rollout.valid)
-
-    def _reinforce_baseline(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs):
-        """`(baseline_state, b)`: REINFORCE's baseline over the whole batch (EMA or batch mean)."""
-        if self.cfg.baseline == "ema":
-            return self._ema_baseline(baseline_state, rollout, sampling_logprobs, ref_logprobs)
-        seq_rewards = obj.sequence_rewards(rollout.scores, sampling_logprobs, ref_logprobs, rollout.mask,
-                                           kl_coef=self.cfg.kl_coef, kind=self.kl_kind)
-        return baseline_state, obj.masked_mean(seq_rewards, rollout.valid)
-
-    def _advantages(self, baseline_state, rollout: RolloutBatch, sampling_logprobs, ref_logprobs, old_values):
-        """`(advantages, returns or None, baseline_state)` from the sampling policy's log-probabilities."""
-        cfg = self.cfg
-        valid, scores, mask = rollout.valid, rollout.scores, rollout.mask
-        returns = None
-        if cfg.name in BANDIT:
-            seq_rewards = obj.sequence_rewards(scores, sampling_logprobs, ref_logprobs, mask,
-                                               kl_coef=cfg.kl_coef, kind=self.kl_kind)
-            if cfg.name == "rloo":
-                advantages = obj.rloo_advantages(seq_rewards, num_samples=cfg.num_samples, valid=valid)
-            elif cfg.name == "vanilla_pg":
-                advantages = obj.reinforce_advantages(seq_rewards, baseline=jnp.zeros(()), valid=valid)
-            elif cfg.baseline == "ema":
-                baseline_state, baseline = self._ema_baseline(baseline_state, rollout, sampling_logprobs, ref_logprobs)
-                advantages = obj.reinforce_advantages(seq_rewards, baseline=baseline, valid=valid)
-            else:
-                advantages = obj.reinforce_advantages(seq_rewards, valid=valid)
-        elif cfg.name == "grpo":
-            advantages = obj.grpo_advantages(scores, num_samples=cfg.num_samples, scale=cfg.grpo_scale, valid=valid)
-        elif cfg.name == "raft":
-            advantages = None
-        else:  # ppo
-            token_mask = mask * valid[:, None]
-            token_rewards = obj.shape_rewards(scores, sampling_logprobs, ref_logprobs, mask,
-                                              kl_coef=cfg.kl_coef, kind=self.kl_kind)
-            advantages, returns = obj.gae(token_rewards, old_values, token_mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = obj.whiten(advantages, token_mask)
+    def _advantages(self, inputs: AdvantageInputs):
+        """`(advantages, returns or None, baseline_state)`, constants for the gradient."""
+        advantages, returns, baseline_state = self.spec.advantages(self.cfg, inputs)
         return jax.lax.stop_gradient((advantages, returns)) + (baseline_state,)
 
     # -- before the updates: ref logprobs; with several updates also old logprobs, values, advantages --
     def _prepare_forwards(self, state, rollout: RolloutBatch, with_policy: bool) -> dict:
         """The forward passes of `prepare`, micro-batch by micro-batch: reference log-probabilities
-        and, `with_policy`, the policy's log-probabilities, entropies and (PPO) values."""
+        and, `with_policy`, the policy's log-probabilities, entropies and (a critic) values."""
 
         def forwards(rows: RolloutBatch) -> dict:
             out = {}
@@ -304,7 +202,7 @@ class Algorithm:
             if with_policy:
                 old = self._forward(state.params["policy"], rows, state.base_params)
                 out.update(old_logprobs=old.logprobs, entropy=old.entropy)
-                if self.cfg.name == "ppo":
+                if self.spec.critic:
                     out["old_values"] = self._values(state.params["critic"], rows, old.hidden)
             return jax.lax.stop_gradient(out)
 
@@ -316,10 +214,13 @@ class Algorithm:
         return jax.tree.map(lambda x: merge_micro_batches(x, k), out)
 
     def prepare(self, state, rollout: RolloutBatch):
+        spec = self.spec
         num_sequences = rollout.tokens.shape[0]
         with_policy = self.needs_old_forward(num_sequences)
         out = self._prepare_forwards(state, rollout, with_policy)
         ref_logprobs = out.get("ref_logprobs")
+        inputs = AdvantageInputs(rollout, out.get("old_logprobs"), ref_logprobs, out.get("old_values"),
+                                 state.baseline, self.kl_kind)
         if self.single_update:
             # The loss differentiates the policy that sampled; the sampling log-probabilities
             # measured here (None: not measured) are what its reward's KL and advantages read.
@@ -327,22 +228,19 @@ class Algorithm:
             if with_policy:
                 # What spans the batch is fixed here, on the whole batch (a micro-batch's mean is
                 # not the batch's), from the dropout-free forward.
-                if self.cfg.name == "reinforce":
-                    baseline_state, baseline = self._reinforce_baseline(state.baseline, rollout, out["old_logprobs"],
-                                                                        ref_logprobs)
+                if spec.batch_baseline is not None:
+                    baseline_state, baseline = spec.batch_baseline(self.cfg, inputs)
                     state = state.replace(baseline=baseline_state)
                     batch = batch._replace(baseline_state=baseline_state, baseline=baseline)
-                elif self.cfg.name in ("grpo", "ppo"):
-                    advantages, returns, _ = self._advantages(state.baseline, rollout, out["old_logprobs"],
-                                                              ref_logprobs, out.get("old_values"))
+                elif spec.batch_wide_advantages:
+                    advantages, returns, _ = self._advantages(inputs)
                     batch = batch._replace(advantages=advantages, returns=returns)
         elif with_policy:
-            old_logprobs, old_values = out["old_logprobs"], out.get("old_values")
-            advantages, returns, baseline_state = self._advantages(state.baseline, rollout, old_logprobs,
-                                                                   ref_logprobs, old_values)
+            advantages, returns, baseline_state = self._advantages(inputs)
             state = state.replace(baseline=baseline_state)
-            batch = TrainBatch(rollout, old_logprobs, ref_logprobs, advantages, baseline_state, old_values, returns)
-        else:  # RAFT with several updates: nothing to fix
+            batch = TrainBatch(rollout, out["old_logprobs"], ref_logprobs, advantages, baseline_state,
+                               out.get("old_values"), returns)
+        else:  # several updates of an objective that reads no sampling policy (RAFT): nothing to fix
             batch = TrainBatch(rollout, None, ref_logprobs, None, state.baseline, None, None)
         if not with_policy:
             # The loss differentiates the policy that sampled: it measures the rest itself.
@@ -358,34 +256,31 @@ class Algorithm:
     # -- the differentiated loss ---------------------------------------------------------------
     def loss_denominators(self, batch: TrainBatch) -> dict:
         """The loss denominators of `batch` (see `loss_denominator`), failed-reward rows out of every
-        one: `policy` for the objective (RAFT: its selected rows), `bonus` for the entropy bonus
-        (PPO's value loss and bonus share `policy`, which is the same). `loss` uses those of the
-        batch it is given; passed to `loss` on each micro-batch of it, they make the micro-batch
-        losses add up to the batch's."""
-        cfg, rollout = self.cfg, batch.rollout
+        one: `policy` for the objective (over the spec's `policy_rows`, e.g. RAFT's selected ones),
+        `bonus` for the entropy bonus (a value loss and a bonus inside the objective share `policy`,
+        which is the same). `loss` uses those of the batch it is given; passed to `loss` on each
+        micro-batch of it, they make the micro-batch losses add up to the batch's."""
+        rollout = batch.rollout
         valid = rollout.valid.astype(jnp.float32)
         # seq_mask, not only a zero token mask: the seq-mean modes count every row they are given.
         bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
         policy = bonus
-        if cfg.name == "raft":
-            selected = obj.raft_selection(jnp.where(rollout.valid, rollout.scores, 0.0), num_samples=cfg.num_samples,
-                                          min_score=cfg.raft_min_score, valid=valid)
-            policy = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=selected)
+        if self.spec.policy_rows is not None:
+            policy = obj.loss_denominator(rollout.mask, self.aggregation,
+                                          seq_mask=self.spec.policy_rows(self.cfg, rollout))
         return {"policy": policy, "bonus": bonus}
 
     def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
         """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
-        baseline after this batch (None unless REINFORCE with `baseline: ema`). `denominators`
-        (from `loss_denominators` on the whole batch) when `batch` is one micro-batch of it; None:
+        baseline after this batch (None unless the algorithm keeps one). `denominators` (from
+        `loss_denominators` on the whole batch) when `batch` is one micro-batch of it; None:
         `batch`'s own. LoRA: `base` is the frozen base (not differentiated), `dropout_key` the
         adapters' dropout."""
-        cfg, rollout = self.cfg, batch.rollout
+        cfg, spec, rollout = self.cfg, self.spec, batch.rollout
         denominators = denominators or self.loss_denominators(batch)
         mask = rollout.mask * rollout.valid[:, None]
         fwd = self._forward(params["policy"], rollout, base, dropout_key)
-        values = None
-        if cfg.name == "ppo":
-            values = self._values(params["critic"], rollout, fwd.hidden)
+        values = self._values(params["critic"], rollout, fwd.hidden) if spec.critic else None
         # The sampling policy's log-probabilities (the KL in the reward, the advantages, the logged
         # KL): measured by `prepare` when it ran the policy (without dropout), else this forward's.
         sampling_logprobs = batch.old_logprobs
@@ -393,51 +288,16 @@ class Algorithm:
             sampling_logprobs = jax.lax.stop_gradient(fwd.logprobs)
         if self.single_update:
             # One update differentiates the policy that sampled: the ratio's "old" side is this
-            # forward itself (ratio exactly 1, with dropout too), and so are PPO's old values.
+            # forward itself (ratio exactly 1, with dropout too), and so are the old values.
             old_logprobs = jax.lax.stop_gradient(fwd.logprobs)
             old_values = None if values is None else jax.lax.stop_gradient(values)
         else:
             old_logprobs, old_values = batch.old_logprobs, batch.old_values
-        baseline_state = batch.baseline_state
-        common = dict(aggregation=self.aggregation, denominator=denominators["policy"])
-        clip = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, ratio_level=self.ratio_level)
-        # The public losses drop non-finite scores themselves (nonfinite_scores="mask").
-        nan_if_invalid = jnp.where(rollout.valid, rollout.scores, jnp.nan)
-        if cfg.name in BANDIT and self.single_update:
-            # The source document's estimator, through the public losses.
-            bandit = dict(kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, nonfinite_scores="mask",
-                          sampling_logprobs=sampling_logprobs, **common)
-            if cfg.name == "rloo":
-                loss, aux = obj.rloo_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
-                                          num_samples=cfg.num_samples, **bandit)
-            else:
-                baseline = batch.baseline  # fixed in `prepare` for micro-batches; None: batch mean
-                if cfg.name == "vanilla_pg":
-                    baseline = jnp.zeros(())
-                elif cfg.baseline == "ema" and baseline is None:
-                    baseline_state, baseline = self._ema_baseline(baseline_state, rollout, sampling_logprobs,
-                                                                  batch.ref_logprobs)
-                loss, aux = obj.reinforce_loss(fwd.logprobs, batch.ref_logprobs, nan_if_invalid, rollout.mask,
-                                               baseline=baseline, **bandit)
-        elif cfg.name == "raft":
-            loss, aux = obj.raft_loss(fwd.logprobs, nan_if_invalid, rollout.mask, num_samples=cfg.num_samples,
-                                      min_score=cfg.raft_min_score, nonfinite_scores="mask", **common)
-        else:
-            advantages, returns = batch.advantages, batch.returns
-            if advantages is None:
-                advantages, returns, baseline_state = self._advantages(
-                    baseline_state, rollout, sampling_logprobs, batch.ref_logprobs, old_values)
-            if cfg.name == "grpo":
-                loss, aux = obj.grpo_loss(fwd.logprobs, old_logprobs, batch.ref_logprobs, advantages, mask,
-                                          kl_coef=cfg.kl_coef, kl_kind=self.kl_kind, **clip, **common)
-            elif cfg.name == "ppo":
-                loss, aux = obj.ppo_loss(fwd.logprobs, old_logprobs, advantages, mask, **clip,
-                                         values=values, old_values=old_values, returns=returns,
-                                         value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                                         entropy=fwd.entropy, entropy_coef=cfg.entropy_coef, **common)
-            else:  # reinforce, vanilla_pg, rloo with several updates
-                loss, aux = obj.ppo_loss(fwd.logprobs, old_logprobs, advantages, mask, **clip, **common)
-        if cfg.entropy_coef and cfg.name != "ppo":  # ppo_loss has the bonus inside
+        inputs = ObjectiveInputs(cfg, spec, batch, fwd.logprobs, fwd.entropy, old_logprobs, sampling_logprobs, values,
+                                 old_values, self.single_update, self.aggregation, denominators["policy"],
+                                 self.kl_kind, self.ratio_level)
+        loss, aux, baseline_state = spec.objective(cfg, inputs)
+        if cfg.entropy_coef and not spec.entropy_bonus_in_objective:
             entropy_term, _ = obj.aggregate_loss(fwd.entropy, mask, self.aggregation,
                                                  denominator=denominators["bonus"])
             loss = loss - cfg.entropy_coef * entropy_term
@@ -480,11 +340,12 @@ class Algorithm:
     def _kl_metrics(self, sampling_logprobs, ref_logprobs, mask):
         """One definition of `kl` for every algorithm: the k1 estimate of KL(pi || pi_ref) per valid
         completion token, under the policy that sampled. `kl/objective` is the estimator the
-        objective puts in the reward (grpo_loss reports its in-loss one itself); RAFT has neither."""
+        objective puts in the reward (an objective with the KL in the loss reports its own); an
+        algorithm without a reference has neither."""
         if not self.uses_reference:
             return {}
         metrics = {"kl": Stat.of(obj.kl_penalty(sampling_logprobs, ref_logprobs, kind="k1"), mask)}
-        if self.cfg.name != "grpo":
+        if not self.spec.kl_in_objective:
             metrics["kl/objective"] = Stat.of(obj.kl_penalty(sampling_logprobs, ref_logprobs, kind=self.kl_kind), mask)
         return metrics
 
