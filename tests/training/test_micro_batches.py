@@ -242,3 +242,15 @@ def test_the_samplers_micro_batch_size_changes_no_completion(toy_config):
     for batch in batches[1:]:
         np.testing.assert_array_equal(batch.tokens, batches[0].tokens)
         np.testing.assert_array_equal(batch.mask, batches[0].mask)
+
+
+def test_grpo_with_the_batch_std_in_micro_batches(stepped_trainers):
+    """`algo.grpo_scale: batch` divides by the std of the whole batch's scores: `prepare` fixes the
+    advantages on the whole batch, where each micro-batch's loss would divide by its own std."""
+    trainer, batch = stepped_trainers("grpo", "algo.grpo_scale=batch")
+    scores = np.where(np.asarray(batch.valid), np.asarray(batch.scores), np.nan).reshape(4, -1)
+    assert np.nanstd(scores, axis=1).std() > 1e-3  # the groups' spreads differ: the test can fail
+    whole = update_gradient(trainer, trainer.config.algo, batch, None)
+    micro = update_gradient(trainer, trainer.config.algo, batch, PROMPTS * K // 4)
+    assert_same_update(whole, micro)
+

@@ -235,6 +235,11 @@ class Algorithm:
                 elif spec.batch_wide_advantages:
                     advantages, returns, _ = self._advantages(inputs)
                     batch = batch._replace(advantages=advantages, returns=returns)
+            elif spec.batch_wide_advantages and self.num_micro_batches(num_sequences) > 1:
+                # Batch-wide advantages that read no policy (GRPO's scores, with a batch std):
+                # fixed here on the whole batch, where a micro-batch's loss would see its own std.
+                advantages, returns, _ = self._advantages(inputs)
+                batch = batch._replace(advantages=advantages, returns=returns)
         elif with_policy:
             advantages, returns, baseline_state = self._advantages(inputs)
             state = state.replace(baseline=baseline_state)
