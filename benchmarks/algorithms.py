@@ -1,9 +1,11 @@
-"""Every algorithm on the arithmetic task: reward and held-out accuracy before/after, step time.
+"""Every algorithm preset on the arithmetic task: reward and held-out accuracy before/after, step time.
 
-    python benchmarks/algorithms.py [--steps 100] [--out benchmarks/results/algorithms.md]
+    python benchmarks/algorithms.py [--steps 500] [--presets rloo dapo ...] [--out benchmarks/results/algorithms.md]
 
-Runs `configs/<algo>_arithmetic.yaml` for `--steps` steps each (same seed, the
-shipped tiny policy), on whatever devices JAX sees, and writes a Markdown table.
+Runs `configs/<preset>_arithmetic.yaml` for `--steps` steps each (same seed, the shipped tiny
+policy), on whatever devices JAX sees, and writes a Markdown table. The presets are one per
+algorithm plus those that combine options (DAPO: GRPO with clip-higher, token-mean, dynamic
+sampling, truncated completions masked and the overlong penalty).
 """
 
 from __future__ import annotations
@@ -47,8 +49,15 @@ def time_compiled_calls(trainer) -> list[float]:
     return times
 
 
-def run(algo: str, steps: int, run_dir: Path, overrides: list[str]) -> dict:
-    config = load_config(ROOT / "configs" / f"{algo}_arithmetic.yaml", [
+def presets() -> list[str]:
+    """One per algorithm (in the registry's order), then every other `configs/*_arithmetic.yaml`
+    that trains a policy (the reward-model config `rm_arithmetic.yaml` does not)."""
+    extra = sorted(p.name.removesuffix("_arithmetic.yaml") for p in (ROOT / "configs").glob("*_arithmetic.yaml"))
+    return list(ALGORITHMS) + [name for name in extra if name not in ALGORITHMS and name != "rm"]
+
+
+def run(preset: str, steps: int, run_dir: Path, overrides: list[str]) -> dict:
+    config = load_config(ROOT / "configs" / f"{preset}_arithmetic.yaml", [
         f"train.steps={steps}", f"train.run_dir={run_dir}", "train.progress=false", "train.plot=false",
         "train.tensorboard=false", f"train.eval_every={steps}", f"train.checkpoint_every={steps}", *overrides,
     ])
@@ -64,7 +73,8 @@ def run(algo: str, steps: int, run_dir: Path, overrides: list[str]) -> dict:
     k = max(1, min(10, steps // 5))
     mean = lambda key, part: sum(r[key] for r in part) / len(part)
     return {
-        "algo": algo,
+        "preset": preset,
+        "algo": config.algo.name,
         "completions/step": config.rollout.prompts_per_step * config.algo.num_samples,
         "reward first": mean("reward/mean", rows[:k]),
         "reward last": mean("reward/mean", rows[-k:]),
@@ -78,20 +88,20 @@ def run(algo: str, steps: int, run_dir: Path, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--algos", nargs="*", default=list(ALGORITHMS))
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--presets", nargs="*", default=presets())
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "algorithms.md"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. algo.critic=shared")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for algo in args.algos:
-            results.append(run(algo, args.steps, Path(tmp) / algo, args.set))
+        for preset in args.presets:
+            results.append(run(preset, args.steps, Path(tmp) / preset, args.set))
             print(json.dumps(results[-1]))
     keys = list(results[0])
     lines = [
-        f"# Algorithms on the arithmetic task ({args.steps} steps each)",
+        f"# Algorithm presets on the arithmetic task ({args.steps} steps each)",
         "",
         f"Machine: {machine()}. Command: `python benchmarks/algorithms.py --steps {args.steps}"
         + "".join(f" --set {o}" for o in args.set) + "`.",

@@ -55,6 +55,7 @@ from jaxrl_llm.objectives import (  # noqa: E402
     summarize,
     token_entropy,
     token_logprobs,
+    top_quantile_mask,
     value_loss,
     whiten,
 )

@@ -23,6 +23,7 @@ from jaxrl_llm.objectives.aggregation import (
     masked_sum,
     masked_var,
     summarize,
+    top_quantile_mask,
 )
 from jaxrl_llm.objectives.kl import KL_KINDS, kl_penalty
 from jaxrl_llm.objectives.logprobs import kept_tokens, linear_token_logprobs, token_entropy, token_logprobs
@@ -74,6 +75,7 @@ __all__ = [
     "summarize",
     "token_entropy",
     "token_logprobs",
+    "top_quantile_mask",
     "value_loss",
     "whiten",
 ]

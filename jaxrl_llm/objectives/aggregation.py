@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import _checks
 
 LOSS_AGGREGATIONS = (
@@ -99,6 +100,24 @@ def masked_var(x, mask, *, axis_name=None):
     mean = masked_mean(x, mask, axis_name=axis_name)
     return masked_mean((x - mean) ** 2, mask, axis_name=axis_name)
 
+
+
+def top_quantile_mask(values, mask, quantile: float):
+    """`[N, T]` 0/1: the masked entries whose value is in the top `quantile` fraction of all masked
+    entries (threshold: their (1 - quantile)-quantile, linearly interpolated as `torch.quantile`;
+    ties at it kept). The high-entropy "forking" tokens of Wang et al. 2025, "Beyond the 80/20
+    Rule" (https://arxiv.org/abs/2506.01939), TRL's `top_entropy_quantile`: pass entropies and
+    the completion mask. `quantile=1` keeps every masked entry. The selection is a constant for
+    the gradient; under `jit` over a sharded batch the quantile is the whole batch's."""
+    _checks.check_positive_float("quantile", quantile)
+    if quantile > 1:
+        raise UserError(f"`quantile`: got {quantile!r}, expected a fraction in (0, 1].")
+    values = lax.stop_gradient(jnp.asarray(values, jnp.float32))
+    keep = jnp.asarray(mask) > 0
+    if quantile == 1:
+        return keep.astype(jnp.float32)
+    threshold = jnp.nanquantile(jnp.where(keep, values, jnp.nan), 1.0 - quantile)
+    return (keep & (values >= threshold)).astype(jnp.float32)
 
 def loss_terms(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None):
     """This shard's numerator and denominator of an aggregated per-token loss.

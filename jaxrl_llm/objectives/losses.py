@@ -32,7 +32,7 @@ from jaxrl_llm.objectives.aggregation import Stat, aggregate_loss
 from jaxrl_llm.objectives.kl import kl_penalty
 
 NONFINITE_SCORE_MODES = ("raise", "mask")
-RATIO_LEVELS = ("token", "sequence")
+RATIO_LEVELS = ("token", "sequence", "sequence-mean")
 # Bound on |log pi - log pi_old| before exp: keeps the ratio finite (verl uses 20 too).
 _MAX_ABS_LOG_RATIO = 20.0
 
@@ -69,7 +69,7 @@ def _scores_and_validity(scores, n, nonfinite_scores):
 
 
 def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef, kl_kind, aggregation, nonfinite_scores,
-                 denominator, axis_name, sampling_logprobs=None):
+                 denominator, axis_name, sampling_logprobs=None, loss_rows=None):
     given = {} if sampling_logprobs is None else {"sampling_logprobs": sampling_logprobs}
     n, _ = _check_token_arrays(mask, logprobs=logprobs, ref_logprobs=ref_logprobs, **given)
     scores, valid = _scores_and_validity(scores, n, nonfinite_scores)
@@ -81,8 +81,13 @@ def _bandit_loss(logprobs, ref_logprobs, scores, mask, *, advantage_fn, kl_coef,
     sampling_logprobs = lax.stop_gradient(sampling_logprobs)
     seq_rewards = sequence_rewards(scores, sampling_logprobs, ref_logprobs, mask, kl_coef=kl_coef, kind=kl_kind)
     advantages = lax.stop_gradient(advantage_fn(seq_rewards, valid))
+    seq_mask = valid
+    if loss_rows is not None:  # rows kept in the baselines above but out of the loss (truncated ones)
+        _checks.check_shape("loss_rows", loss_rows, (n,), like="logprobs[:, 0]")
+        loss_rows = jnp.asarray(loss_rows, jnp.float32)
+        seq_mask = loss_rows if valid is None else valid * loss_rows
     loss, loss_stat = aggregate_loss(
-        -advantages[:, None] * logprobs, mask, aggregation, seq_mask=valid, denominator=denominator,
+        -advantages[:, None] * logprobs, mask, aggregation, seq_mask=seq_mask, denominator=denominator,
         axis_name=axis_name)
     k1 = kl_penalty(sampling_logprobs, ref_logprobs, kind="k1")
     weights = jnp.ones((n,), jnp.float32) if valid is None else valid
@@ -116,6 +121,7 @@ def reinforce_loss(
     denominator=None,
     axis_name=None,
     sampling_logprobs=None,
+    loss_rows=None,
 ):
     """REINFORCE with a baseline, the whole completion as one action (bandit).
 
@@ -148,6 +154,9 @@ def reinforce_loss(
       sampling_logprobs: `[N, T]` log-probabilities of the policy that sampled, which the
         reward's KL (and the KL metrics) are computed from, without gradient; None: `logprobs`.
         Pass them when the differentiated forward is not the sampling one (dropout in training).
+      loss_rows: `[N]` 0/1, the completions that enter the loss (numerator and denominator);
+        the others still count in the baseline and the metrics. DAPO drops completions cut at
+        the length limit this way (TRL's `mask_truncated_completions`). None: all.
 
     Returns:
       `(loss, aux)`; aux keys: loss/policy, kl (the k1 estimate of KL(pi || pi_ref) per
@@ -160,7 +169,7 @@ def reinforce_loss(
         advantage_fn=lambda r, valid: reinforce_advantages(r, baseline=baseline, valid=valid, axis_name=axis_name),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
         nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
-        sampling_logprobs=sampling_logprobs,
+        sampling_logprobs=sampling_logprobs, loss_rows=loss_rows,
     )
 
 
@@ -178,6 +187,7 @@ def rloo_loss(
     denominator=None,
     axis_name=None,
     sampling_logprobs=None,
+    loss_rows=None,
 ):
     """REINFORCE leave-one-out (RLOO): each sample's baseline is the mean of the other K-1.
 
@@ -191,7 +201,7 @@ def rloo_loss(
         in groups of `num_samples` (`[p0s0, p0s1, ..., p1s0, ...]`).
       num_samples: K >= 2; N must be divisible by K (per device, when split).
       kl_coef, kl_kind, aggregation, nonfinite_scores, denominator, axis_name,
-        sampling_logprobs: as in `reinforce_loss` (micro-batches must hold whole groups).
+        sampling_logprobs, loss_rows: as in `reinforce_loss` (micro-batches must hold whole groups).
         With "mask", the leave-one-out mean is over the valid others; a sample with no
         valid other gets advantage 0.
 
@@ -203,7 +213,7 @@ def rloo_loss(
         advantage_fn=lambda r, valid: rloo_advantages(r, num_samples=num_samples, valid=valid),
         kl_coef=kl_coef, kl_kind=kl_kind, aggregation=aggregation,
         nonfinite_scores=nonfinite_scores, denominator=denominator, axis_name=axis_name,
-        sampling_logprobs=sampling_logprobs,
+        sampling_logprobs=sampling_logprobs, loss_rows=loss_rows,
     )
 
 
@@ -263,11 +273,15 @@ def _clipped_policy_loss(logprobs, old_logprobs, advantages, keep, *, ratio_leve
                          dual_clip, axis_name):
     """Per-token clipped surrogate `[N, T]` at the token or the sequence level, and its ratio metrics.
 
-    token:    rho_nt = pi(y_nt) / pi_old(y_nt), one clipped term per token (PPO, GRPO).
-    sequence: rho_n = exp(sum_t log pi(y_nt) - log pi_old(y_nt)), one clipped term l_n per
-              completion (TRL's RLOO: the completion stays one action), spread evenly over
-              its tokens as l_n / |y_n|. Every aggregation mode then weighs a completion as
-              it weighs its tokens, and at rho = 1 the gradient equals the token level's.
+    token:         rho_nt = pi(y_nt) / pi_old(y_nt), one clipped term per token (PPO, GRPO).
+    sequence:      rho_n = exp(sum_t log pi(y_nt) - log pi_old(y_nt)), one clipped term l_n per
+                   completion (TRL's RLOO: the completion stays one action), spread evenly over
+                   its tokens as l_n / |y_n|. Every aggregation mode then weighs a completion as
+                   it weighs its tokens, and at rho = 1 the gradient equals the token level's.
+    sequence-mean: s_n = (pi(y_n) / pi_old(y_n))^(1 / |y_n|) = exp(1/|y_n| sum_t log-ratio_nt),
+                   the length-normalised sequence ratio of GSPO (Zheng et al. 2025,
+                   https://arxiv.org/abs/2507.18071), clipped and spread like `sequence`; with
+                   `seq-mean-token-sum` the loss is GSPO's -1/N sum_n min(s_n A_n, clip(s_n) A_n).
     `logprobs` and `old_logprobs` are masked float32 (`old_logprobs` without gradient);
     `advantages` `[N]` or `[N, T]` (a constant for the gradient). Returns `(per_token [N, T],
     token advantages [N, T] masked, metrics)`.
@@ -283,13 +297,17 @@ def _clipped_policy_loss(logprobs, old_logprobs, advantages, keep, *, ratio_leve
         return per_token, advantages, _ratio_metrics(ratio, clipped, keep, log_ratio, keep, axis_name)
     if jnp.shape(advantages) != shape[:1]:
         raise UserError(
-            f"`advantages` must have shape {shape[:1]} (one per completion) for ratio_level='sequence'; "
+            f"`advantages` must have shape {shape[:1]} (one per completion) for ratio_level={ratio_level!r}; "
             f"got {jnp.shape(advantages)}.")
     _checks.check_float("advantages", advantages)
     advantages = _checks.as_float(advantages)
     length = jnp.sum(keep, axis=-1)
+    sequence_logprob, sequence_old_logprob = jnp.sum(logprobs, -1), jnp.sum(old_logprobs, -1)
+    if ratio_level == "sequence-mean":  # the log-ratio per token of the completion
+        sequence_logprob = sequence_logprob / jnp.maximum(length, 1)
+        sequence_old_logprob = sequence_old_logprob / jnp.maximum(length, 1)
     per_sequence, ratio, clipped, _ = clipped_surrogate(
-        jnp.sum(logprobs, -1), jnp.sum(old_logprobs, -1), advantages,
+        sequence_logprob, sequence_old_logprob, advantages,
         clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip)
     per_token = jnp.where(keep, (per_sequence / jnp.maximum(length, 1))[:, None], 0.0)
     # clipfrac and ratio per completion, where the clipping happens; approx_kl per token.
@@ -377,10 +395,10 @@ def ppo_loss(
         with several updates per batch), broadcast over tokens at the token level.
       mask: `[N, T]` completion mask.
       clip_eps, clip_eps_high, dual_clip: see `clipped_surrogate`.
-      ratio_level: "token" (one clipped ratio per token) or "sequence" (one per completion,
+      ratio_level: "token" (one clipped ratio per token), "sequence" (one per completion,
         its loss spread evenly over the completion's tokens so that every aggregation mode
         weighs a completion as it weighs its tokens; at ratio 1 both levels give the same
-        gradient).
+        gradient) or "sequence-mean" (GSPO's length-normalised ratio, one per completion).
       values, old_values, returns: `[N, T]` each, all or none; with them the
         clipped value loss (`value_loss`) is added with weight `vf_coef`.
       value_clip: value clipping range, or None.
@@ -458,7 +476,7 @@ def grpo_loss(
       advantages: `[N]` from `grpo_advantages` (or `[N, T]`).
       mask: `[N, T]` completion mask.
       clip_eps, clip_eps_high: see `clipped_surrogate`.
-      ratio_level: "token" (the paper) or "sequence", as in `ppo_loss`.
+      ratio_level: "token" (the paper), "sequence" or "sequence-mean" (GSPO), as in `ppo_loss`.
       kl_coef: weight of the KL term (0 disables it).
       kl_kind: KL estimator ("k3" in the paper; k1 in the loss has zero expected gradient).
       aggregation, denominator, axis_name: as in `ppo_loss`.

@@ -197,11 +197,13 @@ class RewardFunction:
     """Weighted sum of reward terms, with the penalties and checks of `RewardConfig`."""
 
     def __init__(self, terms: Sequence[tuple[float, Term]], *, missing_eos_penalty=0.0, clip=None,
-                 normalize=False, on_error="raise"):
+                 normalize=False, on_error="raise", overlong: tuple[int, int, float] | None = None):
+        """`overlong`: `(max_new_tokens, buffer, penalty)` of `overlong_penalty`, or None."""
         if on_error not in ("raise", "mask"):
             raise UserError(f"`reward.on_error`: got {on_error!r}, expected 'raise' or 'mask'.")
         self.terms = list(terms)
         self.missing_eos_penalty = missing_eos_penalty
+        self.overlong = overlong
         self.clip = clip
         self.normalize = normalize
         self.on_error = on_error
@@ -246,6 +248,8 @@ class RewardFunction:
             total = total + weight * self._evaluate(term, samples)
         finished = np.array([s.finished for s in samples], dtype=bool)
         total = total - self.missing_eos_penalty * (~finished)
+        if self.overlong is not None:
+            total = total - overlong_penalty([len(s.token_ids) for s in samples], *self.overlong)
         valid = np.isfinite(total)
         if self.clip is not None:
             total = np.clip(total, -self.clip, self.clip)
@@ -263,8 +267,21 @@ def standardize(total: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return (total - mean) / (std + 1e-8)
 
 
-def build_reward(reward_config, task) -> RewardFunction:
-    """A `RewardFunction` from `RewardConfig` (see `training/config.py`)."""
+def overlong_penalty(lengths, max_new_tokens: int, buffer: int, penalty: float) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, https://arxiv.org/abs/2503.14476, eq. 13),
+    as a non-negative amount to subtract: for a completion of |y| tokens (EOS included),
+
+        penalty * clip((|y| - (max_new_tokens - buffer)) / buffer, 0, 1)
+
+    nothing up to `max_new_tokens - buffer` tokens, growing linearly to `penalty` at
+    `max_new_tokens` (where the sampler cuts a completion that has not ended)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return penalty * np.clip((lengths - (max_new_tokens - buffer)) / buffer, 0.0, 1.0)
+
+
+def build_reward(reward_config, task, *, max_new_tokens: int | None = None) -> RewardFunction:
+    """A `RewardFunction` from `RewardConfig` (see `training/config.py`); `max_new_tokens`, the
+    sampler's limit, is what `reward.overlong` measures lengths against."""
     from jaxrl_llm.tasks.base import task_verifies
     terms = []
     for i, spec in enumerate(reward_config.terms):
@@ -280,15 +297,22 @@ def build_reward(reward_config, task) -> RewardFunction:
             terms.append((spec.weight, verifier_term(spec.kind, spec.pattern)))
         else:
             terms.append((spec.weight, reward_model_term(spec.target, append_eos=spec.append_eos)))
+    overlong = None
+    if reward_config.overlong is not None:
+        if max_new_tokens is None:
+            raise UserError("`reward.overlong`: measures lengths against rollout.max_new_tokens, which was not "
+                            "given (build_reward(..., max_new_tokens=...)).")
+        overlong = (max_new_tokens, reward_config.overlong.buffer, reward_config.overlong.penalty)
     return RewardFunction(
         terms,
         missing_eos_penalty=reward_config.missing_eos_penalty,
         clip=reward_config.clip,
         normalize=reward_config.normalize,
         on_error=reward_config.on_error,
+        overlong=overlong,
     )
 
 
 __all__ = ["ANSWER_VERIFIERS", "RewardError", "RewardFunction", "Sample", "build_reward", "exact_match", "load_function",
-           "numeric", "parse_number", "python_term", "regex", "standardize", "reward_model_term", "task_term",
+           "numeric", "overlong_penalty", "parse_number", "python_term", "regex", "standardize", "reward_model_term", "task_term",
            "trl_arguments", "verifier_term", "verifiers"]

@@ -104,9 +104,20 @@ class RewardSpec:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment (Yu et al. 2025, https://arxiv.org/abs/2503.14476): a completion
+    of |y| tokens loses penalty * (|y| - (L - buffer)) / buffer, clipped to [0, penalty], with
+    L = rollout.max_new_tokens: nothing up to L - buffer tokens, the whole penalty at L."""
+
+    buffer: int = 4  # the last tokens before rollout.max_new_tokens over which the penalty grows
+    penalty: float = 1.0  # what a completion of rollout.max_new_tokens tokens loses
+
+
+@dataclass
 class RewardConfig:
     terms: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     missing_eos_penalty: float = 0.0  # subtracted from completions that never emit EOS
+    overlong: OverlongConfig | None = None  # DAPO's length penalty near rollout.max_new_tokens; None: none
     clip: float | None = None  # clip the total reward to [-clip, clip]
     # Whiten the total reward over the sampled batch, for the update only: the logged rewards
     # (reward/mean, reward/std, reward/trained_mean, the progress bar) stay raw.
@@ -134,7 +145,8 @@ class AlgoConfig:
     # What one clipped ratio covers when there are several updates per batch: a whole completion
     # ("sequence", TRL's RLOO) or one token ("token", PPO). None: the algorithm's default (sequence
     # for reinforce, vanilla_pg and rloo, token for ppo and grpo).
-    ratio_level: Literal["sequence", "token"] | None = None
+    # "sequence-mean": GSPO's (pi/pi_old)^(1/|y|), one per completion.
+    ratio_level: Literal["sequence", "token", "sequence-mean"] | None = None
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     gamma: float = 1.0
@@ -145,10 +157,20 @@ class AlgoConfig:
     # head on the policy's hidden states ("shared": value-loss gradients then reach the policy's trunk).
     critic: Literal["shared", "separate"] = "separate"
     whiten_advantages: bool = True  # PPO only
-    grpo_scale: Literal["group", "batch", "none"] = "group"
+    # The std that group-relative advantages are divided by. None: the algorithm's own (group for
+    # grpo and gspo, none for dr_grpo).
+    grpo_scale: Literal["group", "batch", "none"] | None = None
     raft_min_score: float | None = None  # RAFT trains on a group's best sample only if it scores at least this
     entropy_coef: float = 0.0  # entropy bonus, aggregated like the policy loss (with its gradient)
     aggregation: str | None = None  # None: the algorithm's own default
+    # Completions cut at rollout.max_new_tokens (no EOS) are left out of the loss and its
+    # denominators, but keep their place in every baseline and advantage (DAPO; TRL's
+    # mask_truncated_completions).
+    mask_truncated_completions: bool = False
+    # Only the completion tokens whose entropy (under the policy that sampled) is in this top
+    # fraction of the batch's carry the policy gradient (Wang et al. 2025, "80/20"; TRL's
+    # top_entropy_quantile). 1: every token.
+    entropy_quantile: float = 1.0
 
 
 @dataclass
@@ -349,6 +371,7 @@ def validate(config: Config) -> Config:
     """Cross-field checks that a type alone cannot express."""
     a, r, t = config.algo, config.rollout, config.train
     spec = get_spec(a.name)
+    overlong = config.reward.overlong
     checks = [
         (a.num_samples >= 1, "algo.num_samples", a.num_samples, "an integer >= 1"),
         (a.num_samples >= spec.min_samples, "algo.num_samples", a.num_samples,
@@ -358,6 +381,8 @@ def validate(config: Config) -> Config:
         (a.num_minibatches >= 1 and r.prompts_per_step % a.num_minibatches == 0, "algo.num_minibatches",
          a.num_minibatches, f"a divisor of rollout.prompts_per_step={r.prompts_per_step} (minibatches hold whole groups)"),
         (0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "in [0, 1)"),
+        (0 < a.entropy_quantile <= 1, "algo.entropy_quantile", a.entropy_quantile,
+         "in (0, 1]: the top fraction of tokens by entropy that carry the gradient (1: all)"),
         (r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1"),
         (r.oversample >= 1.0, "rollout.oversample", r.oversample, ">= 1 (1: train on every sampled prompt)"),
         (r.oversample == 1.0 or a.num_samples >= 2, "rollout.oversample", r.oversample,
@@ -375,6 +400,10 @@ def validate(config: Config) -> Config:
         (t.eval_samples >= 0, "train.eval_samples", t.eval_samples, ">= 0 (0: greedy accuracy only)"),
         (t.log_samples >= 0, "train.log_samples", t.log_samples, ">= 0"),
         (config.reward.max_invalid_steps >= 1, "reward.max_invalid_steps", config.reward.max_invalid_steps, ">= 1"),
+        (overlong is None or 1 <= overlong.buffer <= r.max_new_tokens, "reward.overlong.buffer",
+         overlong and overlong.buffer, f"an integer in [1, rollout.max_new_tokens={r.max_new_tokens}]"),
+        (overlong is None or overlong.penalty >= 0, "reward.overlong.penalty", overlong and overlong.penalty,
+         ">= 0 (what a completion of rollout.max_new_tokens tokens loses)"),
         (config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, ">= 1"),
         (config.model.attention_block >= 1, "model.attention_block", config.model.attention_block, ">= 1"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),

@@ -172,6 +172,7 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cu
         mask=jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=split),
         scores=jax.ShapeDtypeStruct((n,), jnp.float32, sharding=split),
         valid=jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=split),
+        finished=jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=split),
     )
     measured = []
     if "generate" in programs:

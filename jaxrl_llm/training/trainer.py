@@ -104,7 +104,7 @@ class Trainer:
         self.eos_ids = stop_token_ids(c, self.tokenizer)
         self.task = get_task(c.task.name, tokenizer=self.tokenizer, **c.task.options)
         self.verifies = task_verifies(self.task)
-        self.reward_fn = build_reward(c.reward, self.task)
+        self.reward_fn = build_reward(c.reward, self.task, max_new_tokens=c.rollout.max_new_tokens)
         # Held-out prompts are tokenized (and fitted to rollout.prompt_length) once.
         self.eval_examples, self.eval_rows = held_out_prompts(self.task, c.task.num_eval, self._tokenize,
                                                               self.prompt_limit, c.rollout.long_prompts,
@@ -283,7 +283,8 @@ class Trainer:
             rows = informative_rows(raw, valid, c.algo.num_samples, c.rollout.prompts_per_step)
             arrays, scores, raw, valid = [x[rows] for x in arrays], scores[rows], raw[rows], valid[rows]
             samples = [samples[i] for i in rows]
-        batch = RolloutBatch(*arrays, scores, valid)
+        finished = np.array([s.finished for s in samples])
+        batch = RolloutBatch(*arrays, scores, valid, finished)
         batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
         return batch, samples, sampled_scores, sampled_valid, raw, data_metrics
 

@@ -44,13 +44,18 @@ def test_overrides_are_typed():
         ("algo.kl_coeff=0.1", r"`algo`: unknown key\(s\) \['kl_coeff'\]; valid keys are \[.*'kl_coef'"),
         ("trainer.steps=3", r"unknown key\(s\) \['trainer'\]; valid keys are \['algo', 'mesh', 'model'"),
         ("train.steps=many", r"`train.steps`: got 'many' \(str\), expected int"),
-        ("algo.name=dpo", r"`algo.name`: got 'dpo', expected one of \['grpo'"),
+        ("algo.name=dpo", r"`algo.name`: got 'dpo', expected one of \['dr_grpo', 'grpo'"),
         ("algo.num_samples=1", r"`algo.num_samples`: got 1, expected >= 2 for rloo"),
         ("rollout.temperature=0", r"`rollout.temperature`: got 0.0, expected > 0"),
         ("algo.num_minibatches=3", r"`algo.num_minibatches`: got 3, expected a divisor"),
         ("algo.aggregation=sum", r"`algo.aggregation`: got 'sum'"),
         ("reward.terms=[{kind: python}]", r"`reward.terms\[0\].target`"),
         ("steps", r"expected the form section.key=value"),
+        ("algo.entropy_quantile=0", r"`algo.entropy_quantile`: got 0.0, expected in \(0, 1\]"),
+        ("algo.ratio_level=sequence-mean", r"`algo.ratio_level`: got 'sequence-mean', expected 'sequence' or 'token' "
+                                           r"or None for rloo"),
+        ("reward.overlong={buffer: 20}", r"`reward.overlong.buffer`: got 20, expected an integer in \[1, "
+                                         r"rollout.max_new_tokens=8\]"),
     ],
 )
 def test_bad_config_is_rejected_with_valid_keys(override, match):

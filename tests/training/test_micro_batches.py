@@ -254,3 +254,13 @@ def test_grpo_with_the_batch_std_in_micro_batches(stepped_trainers):
     micro = update_gradient(trainer, trainer.config.algo, batch, PROMPTS * K // 4)
     assert_same_update(whole, micro)
 
+
+def test_high_entropy_tokens_are_chosen_on_the_whole_batch(stepped_trainers):
+    """`algo.entropy_quantile`: the entropy threshold is the whole batch's quantile (from `prepare`'s
+    forward of the sampling policy), not each micro-batch's; truncated completions masked too."""
+    trainer, batch = stepped_trainers("rloo", "algo.entropy_quantile=0.5", "algo.mask_truncated_completions=true")
+    finished = np.arange(batch.tokens.shape[0]) % 3 != 1
+    batch = batch._replace(finished=jnp.asarray(finished))
+    whole = update_gradient(trainer, trainer.config.algo, batch, None)
+    micro = update_gradient(trainer, trainer.config.algo, batch, PROMPTS * K // 4)
+    assert_same_update(whole, micro)

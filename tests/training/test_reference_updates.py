@@ -91,6 +91,14 @@ def our_update(trainer, params, train_batch):
     return float(loss), grads, aux
 
 
+def after_a_first_update(trainer, state, train_batch):
+    """Apply the first of several updates to the batch (it moves the policy, so the second one's
+    ratio differs from 1); returns the parameters before it, the sampling policy's."""
+    old_params = jax.tree.map(jnp.copy, state.params)
+    trainer.state, _ = trainer._update(state, train_batch)
+    return old_params
+
+
 def torch_batch(batch):
     mask = as_torch(np.asarray(batch.mask) * np.asarray(batch.valid)[:, None])
     return as_torch(batch.scores), mask
@@ -238,8 +246,7 @@ def test_second_rloo_update_clips_at_the_configured_ratio_level(toy_config, rati
     ratio, one per completion (sequence) or one per token."""
     trainer, batch, state, train_batch = setup(toy_config, "rloo", "algo.update_epochs=2", "algo.clip_eps=0.02",
                                                f"algo.ratio_level={ratio_level}")
-    old_params = jax.tree.map(jnp.copy, state.params)
-    trainer.state, _ = trainer._update(state, train_batch)  # the first update moves the policy
+    old_params = after_a_first_update(trainer, state, train_batch)
     scores, mask = torch_batch(batch)
 
     def loss(logits, old_logits, ref_logits, **_):

@@ -28,6 +28,7 @@ class RolloutBatch(NamedTuple):
     mask: jax.Array  # [N, T] 1 up to and including EOS
     scores: jax.Array  # [N] total reward (0 where invalid)
     valid: jax.Array  # [N] bool: the reward is usable
+    finished: jax.Array | None = None  # [N] bool: ended with a stop token (None: not recorded)
 
 
 class TrainBatch(NamedTuple):
@@ -45,6 +46,9 @@ class TrainBatch(NamedTuple):
     # A batch-wide baseline for this batch, fixed in `prepare` when the update is split into
     # micro-batches (a micro-batch's own mean is not the batch's); None: the loss computes it.
     baseline: jax.Array | None = None
+    # [N, T] 0/1 the tokens that carry the policy gradient (`algo.entropy_quantile` < 1), chosen on
+    # the whole batch in `prepare` when it runs the policy; None: all, or chosen in the loss.
+    gradient_tokens: jax.Array | None = None
 
 
 class Forward(NamedTuple):
@@ -71,7 +75,9 @@ class ObjectiveInputs:
     cfg: Any  # AlgoConfig
     spec: AlgorithmSpec
     batch: TrainBatch
-    logprobs: jax.Array  # [N, T] the differentiated policy's
+    # [N, T] the differentiated policy's (with `algo.entropy_quantile` < 1, the gradient flows only
+    # through the selected tokens'; the values are the same)
+    logprobs: jax.Array
     entropy: jax.Array  # [N, T] the differentiated policy's
     old_logprobs: jax.Array  # [N, T] the ratio's old side (one update: `logprobs` under stop_gradient)
     sampling_logprobs: jax.Array  # [N, T] the policy that sampled (the reward's KL, the advantages)
@@ -82,6 +88,7 @@ class ObjectiveInputs:
     denominator: jax.Array  # the whole batch's policy-loss denominator (see `loss_denominator`)
     kl_kind: str
     ratio_level: str | None
+    loss_rows: jax.Array  # [N] 0/1 the rows in the loss: a usable reward (and, if asked, not truncated)
 
     @property
     def rollout(self) -> RolloutBatch:
@@ -89,8 +96,8 @@ class ObjectiveInputs:
 
     @property
     def token_mask(self) -> jax.Array:
-        """[N, T] completion tokens of the rows whose reward is usable."""
-        return self.rollout.mask * self.rollout.valid[:, None]
+        """[N, T] completion tokens of the rows in the loss (`loss_rows`)."""
+        return self.rollout.mask * self.loss_rows[:, None]
 
     @property
     def scores_or_nan(self) -> jax.Array:
@@ -155,7 +162,8 @@ class AlgorithmSpec:
     # `(cfg, AdvantageInputs) -> (baseline_state, baseline)`: a batch-wide baseline that `prepare`
     # fixes on the whole batch, for an objective that takes a baseline (REINFORCE); None: none.
     batch_baseline: Callable | None = None
-    # `(cfg, rollout) -> [N] 0/1`: the rows the policy loss is averaged over; None: the valid ones.
+    # `(cfg, rollout, loss_rows) -> [N] 0/1`: the rows the policy loss is averaged over, a subset of
+    # `loss_rows` (a usable reward, and finished if truncated ones are masked); None: `loss_rows`.
     policy_rows: Callable | None = None
     kl_in_objective: bool = False  # the objective reports its own in-loss KL (no `kl/objective`)
     entropy_bonus_in_objective: bool = False  # the objective adds `algo.entropy_coef`'s bonus itself
@@ -179,7 +187,8 @@ def sequence_rewards(cfg, x: AdvantageInputs):
 def bandit_loss_options(cfg, x: ObjectiveInputs) -> dict:
     """The keyword arguments of `reinforce_loss` / `rloo_loss` for one update: the seed's estimator."""
     return dict(kl_coef=cfg.kl_coef, kl_kind=x.kl_kind, nonfinite_scores="mask",
-                sampling_logprobs=x.sampling_logprobs, **x.aggregation_options())
+                sampling_logprobs=x.sampling_logprobs,
+                loss_rows=x.loss_rows if cfg.mask_truncated_completions else None, **x.aggregation_options())
 
 
 def clipped_objective(cfg, x: ObjectiveInputs):

@@ -136,6 +136,7 @@ class Algorithm:
         self.ratio_level = algo.ratio_level or spec.default_ratio_level
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
         self.uses_reference = spec.uses_reference
+        self.entropy_quantile = algo.entropy_quantile
         if spec.critic != (critic_graphdef is not None):
             raise UserError(f"`algo.name`: {algo.name} {'needs' if spec.critic else 'has no'} critic, but one was "
                             f"{'not ' if spec.critic else ''}given (build one exactly when the spec says `critic`).")
@@ -158,7 +159,10 @@ class Algorithm:
         """Whether `prepare` runs the policy before the updates: for the "old" log-probabilities of
         several updates; with LoRA dropout, for the sampling policy's log-probabilities (the
         sampler applies none, the loss's forward does); or, with one update in micro-batches, for
-        what spans the batch and reads them (a batch-wide baseline, whitened GAE advantages)."""
+        what spans the batch and reads them (a batch-wide baseline, whitened GAE advantages, the
+        entropy quantile of `algo.entropy_quantile`)."""
+        if self.entropy_quantile < 1 and self.num_micro_batches(num_sequences) > 1:
+            return True
         if not self.spec.reads_sampling_policy:
             return False
         if not self.single_update or self.dropout:
@@ -186,6 +190,8 @@ class Algorithm:
 
     def _advantages(self, inputs: AdvantageInputs):
         """`(advantages, returns or None, baseline_state)`, constants for the gradient."""
+        if self.spec.advantages is None:
+            return None, None, inputs.baseline_state
         advantages, returns, baseline_state = self.spec.advantages(self.cfg, inputs)
         return jax.lax.stop_gradient((advantages, returns)) + (baseline_state,)
 
@@ -250,6 +256,8 @@ class Algorithm:
         if not with_policy:
             # The loss differentiates the policy that sampled: it measures the rest itself.
             return state, batch, {}
+        batch = batch._replace(gradient_tokens=self._gradient_tokens(
+            out["entropy"], rollout.mask * self.loss_rows(rollout)[:, None]))
         token_mask = rollout.mask * rollout.valid[:, None]
         # Measured once on the whole batch, on the policy that sampled (the minibatches' own
         # means would not average to it).
@@ -259,6 +267,25 @@ class Algorithm:
         return state, batch, metrics
 
     # -- the differentiated loss ---------------------------------------------------------------
+    def loss_rows(self, rollout: RolloutBatch) -> jax.Array:
+        """[N] 0/1 the completions in the loss: those whose reward is usable and, with
+        `algo.mask_truncated_completions`, that ended with a stop token (a truncated one keeps its
+        place in the baselines and advantages, which read `valid`)."""
+        rows = rollout.valid.astype(jnp.float32)
+        if self.cfg.mask_truncated_completions:
+            if rollout.finished is None:
+                raise UserError("`algo.mask_truncated_completions`: the rollout batch records no `finished` flags "
+                                "(RolloutBatch.finished: [N] bool, True where a completion ended with a stop token).")
+            rows = rows * rollout.finished.astype(jnp.float32)
+        return rows
+
+    def _gradient_tokens(self, entropy, token_mask):
+        """[N, T] 0/1 the tokens that carry the policy gradient: those whose entropy is in the top
+        `algo.entropy_quantile` of the batch's; None when every token does."""
+        if self.entropy_quantile >= 1:
+            return None
+        return obj.top_quantile_mask(entropy, token_mask, self.entropy_quantile)
+
     def loss_denominators(self, batch: TrainBatch) -> dict:
         """The loss denominators of `batch` (see `loss_denominator`), failed-reward rows out of every
         one: `policy` for the objective (over the spec's `policy_rows`, e.g. RAFT's selected ones),
@@ -266,13 +293,13 @@ class Algorithm:
         which is the same). `loss` uses those of the batch it is given; passed to `loss` on each
         micro-batch of it, they make the micro-batch losses add up to the batch's."""
         rollout = batch.rollout
-        valid = rollout.valid.astype(jnp.float32)
+        rows = self.loss_rows(rollout)
         # seq_mask, not only a zero token mask: the seq-mean modes count every row they are given.
-        bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=valid)
+        bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=rows)
         policy = bonus
         if self.spec.policy_rows is not None:
             policy = obj.loss_denominator(rollout.mask, self.aggregation,
-                                          seq_mask=self.spec.policy_rows(self.cfg, rollout))
+                                          seq_mask=self.spec.policy_rows(self.cfg, rollout, rows))
         return {"policy": policy, "bonus": bonus}
 
     def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
@@ -283,7 +310,9 @@ class Algorithm:
         adapters' dropout."""
         cfg, spec, rollout = self.cfg, self.spec, batch.rollout
         denominators = denominators or self.loss_denominators(batch)
-        mask = rollout.mask * rollout.valid[:, None]
+        mask = rollout.mask * rollout.valid[:, None]  # the metrics: every completion with a reward
+        rows = self.loss_rows(rollout)
+        loss_mask = rollout.mask * rows[:, None]
         fwd = self._forward(params["policy"], rollout, base, dropout_key)
         values = self._values(params["critic"], rollout, fwd.hidden) if spec.critic else None
         # The sampling policy's log-probabilities (the KL in the reward, the advantages, the logged
@@ -298,12 +327,21 @@ class Algorithm:
             old_values = None if values is None else jax.lax.stop_gradient(values)
         else:
             old_logprobs, old_values = batch.old_logprobs, batch.old_values
-        inputs = ObjectiveInputs(cfg, spec, batch, fwd.logprobs, fwd.entropy, old_logprobs, sampling_logprobs, values,
+        logprobs = fwd.logprobs
+        if self.entropy_quantile < 1:
+            # Only the selected tokens carry the gradient; every value (the loss, the ratios, the
+            # metrics) stays that of all tokens. Chosen on the whole batch by `prepare` when it ran
+            # the policy, else here from this forward (then the whole batch, or the sampling policy).
+            selected = batch.gradient_tokens
+            if selected is None:
+                selected = self._gradient_tokens(fwd.entropy, loss_mask)
+            logprobs = jnp.where(selected > 0, logprobs, jax.lax.stop_gradient(logprobs))
+        inputs = ObjectiveInputs(cfg, spec, batch, logprobs, fwd.entropy, old_logprobs, sampling_logprobs, values,
                                  old_values, self.single_update, self.aggregation, denominators["policy"],
-                                 self.kl_kind, self.ratio_level)
+                                 self.kl_kind, self.ratio_level, rows)
         loss, aux, baseline_state = spec.objective(cfg, inputs)
         if cfg.entropy_coef and not spec.entropy_bonus_in_objective:
-            entropy_term, _ = obj.aggregate_loss(fwd.entropy, mask, self.aggregation,
+            entropy_term, _ = obj.aggregate_loss(fwd.entropy, loss_mask, self.aggregation,
                                                  denominator=denominators["bonus"])
             loss = loss - cfg.entropy_coef * entropy_term
         aux["entropy"] = obj.aggregate_loss(fwd.entropy, mask, "token-mean")[1]

@@ -11,10 +11,11 @@ import jaxrl_llm.objectives as obj
 from jaxrl_llm.training.algorithms.base import AlgorithmSpec
 
 
-def advantages(cfg, x):
+def advantages(cfg, x, default_scale="group"):
+    """The group-relative advantages, divided by `algo.grpo_scale`'s std (None: `default_scale`)."""
     r = x.rollout
-    return obj.grpo_advantages(r.scores, num_samples=cfg.num_samples, scale=cfg.grpo_scale, valid=r.valid), \
-        None, x.baseline_state
+    scale = cfg.grpo_scale or default_scale
+    return obj.grpo_advantages(r.scores, num_samples=cfg.num_samples, scale=scale, valid=r.valid), None, x.baseline_state
 
 
 def objective(cfg, x):

@@ -9,14 +9,17 @@ import jaxrl_llm.objectives as obj
 from jaxrl_llm.training.algorithms.base import AlgorithmSpec
 
 
-def selected_rows(cfg, rollout):
-    """[N] 0/1: each group's best valid completion (at least `raft_min_score`)."""
-    return obj.raft_selection(jnp.where(rollout.valid, rollout.scores, 0.0), num_samples=cfg.num_samples,
-                              min_score=cfg.raft_min_score, valid=rollout.valid.astype(jnp.float32))
+def selected_rows(cfg, rollout, loss_rows):
+    """[N] 0/1: each group's best completion among `loss_rows` (a usable reward and, with
+    `algo.mask_truncated_completions`, finished), if it scores at least `raft_min_score`."""
+    return obj.raft_selection(jnp.where(loss_rows > 0, rollout.scores, 0.0), num_samples=cfg.num_samples,
+                              min_score=cfg.raft_min_score, valid=loss_rows)
 
 
 def objective(cfg, x):
-    loss, aux = obj.raft_loss(x.logprobs, x.scores_or_nan, x.rollout.mask, num_samples=cfg.num_samples,
+    # A completion out of the loss can never be the one imitated: its score counts as missing.
+    scores = jnp.where(x.loss_rows > 0, x.rollout.scores, jnp.nan)
+    loss, aux = obj.raft_loss(x.logprobs, scores, x.rollout.mask, num_samples=cfg.num_samples,
                               min_score=cfg.raft_min_score, nonfinite_scores="mask", **x.aggregation_options())
     return loss, aux, x.batch.baseline_state
 
