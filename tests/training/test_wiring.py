@@ -14,6 +14,7 @@ from jaxrl_llm.tasks.tokenizer import VOCAB
 from jaxrl_llm.training import Algorithm, Trainer, load_config
 from jaxrl_llm.training import algorithms
 from jaxrl_llm.training.algorithms import RolloutBatch
+from jaxrl_llm.training.algorithms import core as algorithm_core
 from jaxrl_llm.training.state import step_keys
 from tests._tolerances import float32_tolerance
 from tests.training.conftest import TINY_POLICY_REDUCTIONS
@@ -104,8 +105,8 @@ def test_value_loss_reaches_the_policy_only_through_a_shared_critic(toy_config, 
 ])
 def test_prepare_runs_only_the_forward_passes_it_reads(toy_config, monkeypatch, algo, extra, forwards):
     calls = []
-    real = algorithms.policy_forward
-    monkeypatch.setattr(algorithms, "policy_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = algorithm_core.policy_forward  # patched where the Algorithm looks it up
+    monkeypatch.setattr(algorithm_core, "policy_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     trainer = Trainer(toy_config(*extra, algo=algo))
     batch = trainer.collect()[0]
     jax.eval_shape(trainer.algorithm.prepare, trainer.state, batch)
