@@ -27,9 +27,10 @@ def init_cache(model: CausalLM, batch_size: int, max_length: int, dtype=None) ->
     return model.init_cache(batch_size, max_length, dtype)
 
 
-def hidden_states(model: CausalLM, input_ids, attention_mask=None, positions=None):
-    """Final normed hidden states [B, S, D] (what heads consume); ``model.unembed(h)`` gives the logits."""
-    hidden, _ = model.hidden_states(input_ids, attention_mask, positions)
+def hidden_states(model: CausalLM, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """Final normed hidden states [B, S, D] (what heads consume); ``model.unembed(h)`` gives the logits.
+    ``segment_ids`` [B, S]: packed sequences (see ``layers.make_context``)."""
+    hidden, _ = model.hidden_states(input_ids, attention_mask, positions, segment_ids=segment_ids)
     return hidden
 
 

@@ -71,6 +71,7 @@ class CausalLM(nnx.Module):
         *,
         fresh_cache: bool = False,
         last_position_only: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, layers.KVCache | None]:
         """Final normed hidden states [B, S, D] (parameter dtype) and the updated cache (or None).
 
@@ -79,13 +80,17 @@ class CausalLM(nnx.Module):
         ``last_position_only=True`` returns [B, 1, D], the last column's hidden state, and skips the
         last layer's attention output and MLP at the other positions (the cache still receives
         every position's keys and values): all a prompt prefill needs.
+        ``segment_ids`` [B, S]: packed sequences (no cache), see ``layers.make_context``.
         """
         input_ids = jnp.asarray(input_ids)
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
         if positions is not None:
             positions = jnp.asarray(positions)
-        ctx, cache = layers.make_context(input_ids, attention_mask, positions, cache, fresh_cache=fresh_cache)
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+        ctx, cache = layers.make_context(input_ids, attention_mask, positions, cache, fresh_cache=fresh_cache,
+                                         segment_ids=segment_ids)
         if cache is not None and len(cache.k) != self.num_layers:
             raise UserError(f"cache: has {len(cache.k)} layers, expected {self.num_layers} for this model")
         kv = None if cache is None else list(zip(cache.k, cache.v))

@@ -41,12 +41,13 @@ def _backbone_class(model_type: str):
     )
 
 
-def run_backbone(backbone: nnx.Module, input_ids, attention_mask=None, positions=None) -> jax.Array:
-    """Final normed hidden states [B, S, D] of a bare backbone (no cache), under its ``execution`` options."""
+def run_backbone(backbone: nnx.Module, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+    """Final normed hidden states [B, S, D] of a bare backbone (no cache), under its ``execution`` options;
+    ``segment_ids``: packed sequences (see ``layers.make_context``)."""
     input_ids = jnp.asarray(input_ids)
-    attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
-    positions = None if positions is None else jnp.asarray(positions)
-    ctx, _ = layers.make_context(input_ids, attention_mask, positions, None)
+    attention_mask, positions, segment_ids = (None if x is None else jnp.asarray(x)
+                                              for x in (attention_mask, positions, segment_ids))
+    ctx, _ = layers.make_context(input_ids, attention_mask, positions, None, segment_ids=segment_ids)
     hidden, _ = backbone(input_ids, ctx, None)
     return hidden
 
@@ -97,14 +98,15 @@ class Critic(nnx.Module):
         self.backbone.execution = self.backbone.execution.with_options(**options)
         return self
 
-    def __call__(self, input_ids=None, attention_mask=None, positions=None, *, hidden=None) -> jax.Array:
+    def __call__(self, input_ids=None, attention_mask=None, positions=None, *, hidden=None,
+                 segment_ids=None) -> jax.Array:
         if self.layout == "shared":
             if hidden is None:
                 raise UserError("hidden: the shared critic needs the policy's hidden states [B, S, D], got None")
             return self.head(hidden)
         if input_ids is None:
             raise UserError("input_ids: the separate critic runs its own backbone and needs token ids, got None")
-        return self.head(run_backbone(self.backbone, input_ids, attention_mask, positions))
+        return self.head(run_backbone(self.backbone, input_ids, attention_mask, positions, segment_ids))
 
 
 def make_critic(

@@ -440,6 +440,8 @@ class Context(NamedTuple):
       when it reads only the new tokens' (no cache, or a fresh cache that holds nothing else).
     max_position: static bound on ``positions`` when they are the default ones (None when given).
     execution: the backbone's ``Execution`` options (``run_layers`` sets it), read by attention.
+    segment_ids: [B, Lk] int, packed sequences (no cache): a token sees only keys of its own
+      segment; 0 marks padding. None: one sequence per row.
     """
 
     q_slot: jax.Array
@@ -449,6 +451,7 @@ class Context(NamedTuple):
     attend_cache: bool = False
     max_position: int | None = None
     execution: Execution = Execution()
+    segment_ids: jax.Array | None = None
 
 
 def make_context(
@@ -458,6 +461,7 @@ def make_context(
     cache: KVCache | None,
     *,
     fresh_cache: bool = False,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[Context, KVCache | None]:
     """Validate inputs and build the ``Context``; with a cache, also write the new validity slots.
 
@@ -465,6 +469,12 @@ def make_context(
     what transformers' ``generate`` uses for left-padded prompts. ``fresh_cache=True`` promises the
     cache is empty (index 0, as from ``empty_cache``): the new tokens are written to it but attend
     only to each other, so a prompt prefill does not read the cache's empty slots.
+
+    ``segment_ids`` [B, S] (packed sequences, no cache): each row holds several sequences, each a
+    contiguous run of one id > 0 (0: padding). A token attends only within its segment, and the
+    default positions restart at 0 with each segment, so every sequence sees exactly what it would
+    in a row of its own. The attention mask is then ``segment_ids > 0`` (``attention_mask`` must
+    agree with it or be None).
     """
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise UserError(f"input_ids: got shape {input_ids.shape} dtype {input_ids.dtype}, expected [B, S] integers")
@@ -476,6 +486,18 @@ def make_context(
     mask = attention_mask.astype(bool)
     if positions is not None and positions.shape != (batch, seq):
         raise UserError(f"positions: got shape {positions.shape}, expected {(batch, seq)} like input_ids")
+    if segment_ids is not None:
+        if cache is not None:
+            raise UserError("segment_ids: packed sequences are for a forward pass without a KV cache, got a cache")
+        if segment_ids.shape != (batch, seq) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise UserError(f"segment_ids: got shape {segment_ids.shape} dtype {segment_ids.dtype}, expected "
+                            f"{(batch, seq)} integers like input_ids")
+        mask = mask & (segment_ids > 0)
+        bound = None if positions is not None else seq
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        return Context(jnp.arange(seq), mask, positions.astype(jnp.int32), None, False, bound,
+                       segment_ids=segment_ids.astype(jnp.int32)), None
     if cache is not None:
         if cache.valid.shape[0] != batch:
             raise UserError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
@@ -495,6 +517,13 @@ def make_context(
             positions = jax.lax.dynamic_slice(all_positions, (0, cache.index), (batch, seq))
         ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index, True, bound)
     return ctx, (None if cache is None else cache._replace(valid=valid, index=cache.index + seq))
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] positions that restart at 0 where each segment (a run of one id) starts."""
+    slots = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
 
 
 def heads_major(x: jax.Array) -> jax.Array:
@@ -546,6 +575,7 @@ def dot_product_attention(
         dtype=q.dtype,
         head_dim=q.shape[-1],
         softcap=softcap,
+        segments=ctx.segment_ids is not None,
     )
     options = dict(scale=scale, sliding_window=sliding_window)
     if implementation == "cudnn":
@@ -565,6 +595,7 @@ def attention_implementation(
     head_dim: int,
     softcap: float | None,
     on_gpu: bool | None = None,
+    segments: bool = False,
 ) -> str:
     """The implementation ("dense", "blockwise" or "cudnn") that ``choice`` means for one attention call.
 
@@ -573,7 +604,9 @@ def attention_implementation(
     one head's scores are small (S == 1 or S * Lk <= 256 * 256: decode steps, short sequences);
     else blockwise. An explicit "cudnn" falls back the same way on calls that read a KV cache or
     query one position (decode, ``last_only``): cuDNN's sequence-length masks describe only tokens
-    that attend to each other. ``on_gpu`` overrides the backend check (tests).
+    that attend to each other. ``on_gpu`` overrides the backend check (tests). Packed sequences
+    (``segments``) never take cuDNN: ``jax.nn.dot_product_attention`` has no segment ids, and a
+    mask would need the bias gradient it lacks; "auto" then means dense or blockwise.
     """
     if choice not in ATTENTION_IMPLEMENTATIONS:
         raise UserError(f"attention: got {choice!r}, expected one of {ATTENTION_IMPLEMENTATIONS}")
@@ -588,23 +621,33 @@ def attention_implementation(
             raise UserError(f"attention: got 'cudnn' for a layer with soft-capping ({softcap}); cuDNN has none")
         if not half:
             raise UserError(f"attention: got 'cudnn' with {jnp.dtype(dtype)} activations, expected bfloat16/float16")
+        if segments:
+            raise UserError("attention: got 'cudnn' for packed sequences (train.packing), which cuDNN's attention "
+                            "in jax.nn cannot mask; expected 'auto', 'dense' or 'blockwise' with packing")
     if choice in ("dense", "blockwise"):
         return choice
     flash = self_attention and seq > 1
     if choice == "cudnn" and flash:
         return "cudnn"
-    if choice == "auto" and flash and on_gpu and half and softcap is None and head_dim % 8 == 0 and head_dim <= 128:
+    if choice == "auto" and flash and not segments and on_gpu and half and softcap is None and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
     return "dense" if seq == 1 or seq * kv_len <= _DENSE_MAX_SCORES else "blockwise"
 
 
-def attention_mask(q_slot: jax.Array, kv_valid: jax.Array, *, kv_len: int, sliding_window: int | None) -> jax.Array:
-    """[B, S, Lk] bool: which key slots each query sees (the rule ``dot_product_attention`` states)."""
+def attention_mask(q_slot: jax.Array, kv_valid: jax.Array, *, kv_len: int, sliding_window: int | None,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, S, Lk] bool: which key slots each query sees (the rule ``dot_product_attention`` states),
+    with ``segment_ids`` [B, Lk] also only those of the query's own segment."""
     kv_slot = jnp.arange(kv_len)
     allowed = kv_slot[None, :] <= q_slot[:, None]  # [S, Lk]
     if sliding_window is not None:
         allowed = allowed & (kv_slot[None, :] > q_slot[:, None] - sliding_window)
-    return allowed[None, :, :] & kv_valid[:, None, :]
+    allowed = allowed[None, :, :] & kv_valid[:, None, :]
+    if segment_ids is not None:
+        # A padded query (slot -1, blockwise) sees no key already; clip keeps its lookup in range.
+        query_segment = jnp.take(segment_ids, q_slot, axis=1, mode="clip")  # [B, S]
+        allowed = allowed & (query_segment[:, :, None] == segment_ids[:, None, :])
+    return allowed
 
 
 def dense_attention(
@@ -629,7 +672,8 @@ def dense_attention(
     scores = scores.astype(jnp.float32)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    allowed = attention_mask(ctx.q_slot, ctx.kv_valid, kv_len=k.shape[2], sliding_window=sliding_window)
+    allowed = attention_mask(ctx.q_slot, ctx.kv_valid, kv_len=k.shape[2], sliding_window=sliding_window,
+                             segment_ids=ctx.segment_ids)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bktd->bskgd", probs, v)

@@ -248,6 +248,12 @@ class RunConfig:
     # batch); gradients are accumulated with the whole batch's loss denominators, so the update
     # is the same as in one pass. None: the whole batch at once.
     micro_batch_size: int | None = None
+    # Packed sequences (training/packing.py): prompt + completion sequences share rows of
+    # `pack_length` tokens (segment ids keep them apart), so the forward and backward passes of
+    # prepare and the updates skip the padding; the update is the same to float32 rounding. Off by
+    # default: it wins when completions end early (benchmarks/results/packing.md).
+    packing: bool = False
+    pack_length: int | None = None  # tokens per packed row; None: the longest sequence, to a power of two
     progress: bool = True
     # A non-finite loss or gradient: "stop" (the update is not applied; the run stops without
     # saving, the last checkpoint intact) or "skip" (that update is dropped, a warning, training goes on).
@@ -406,6 +412,10 @@ def validate(config: Config) -> Config:
          ">= 0 (what a completion of rollout.max_new_tokens tokens loses)"),
         (config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, ">= 1"),
         (config.model.attention_block >= 1, "model.attention_block", config.model.attention_block, ">= 1"),
+        (t.pack_length is None or t.pack_length >= 2, "train.pack_length", t.pack_length,
+         "an integer >= 2 (tokens per packed row) or null"),
+        (not t.packing or config.model.attention != "cudnn", "model.attention", config.model.attention,
+         "'auto', 'dense' or 'blockwise' with train.packing (cuDNN's attention in jax.nn cannot mask segments)"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),
     ]
     for ok, name, value, expected in checks:

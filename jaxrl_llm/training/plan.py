@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrl_llm import models, parallel
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.rollout import generate
+from jaxrl_llm.training import packing
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, get_spec
 from jaxrl_llm.training.config import Config
 from jaxrl_llm.training.setup import compute_dtype, make_optimizer, policy_dtype, resolve_model_path, split_policy
@@ -175,18 +176,20 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cu
         finished=jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=split),
     )
     measured = []
+    layouts = {rows: _worst_packing(c, algorithm, rows, mesh) for rows in {n, n // c.algo.num_minibatches}}
     if "generate" in programs:
         measured.append(_memory("generate", _compile(*_generate_program(c, graphdef, state, mesh), platform=platform)))
     if "prepare" in programs:
         prepare = jax.jit(algorithm.prepare, donate_argnums=0)
-        measured.append(_memory("prepare", _compile(prepare, state, rollout, platform=platform)))
+        measured.append(_memory("prepare", _compile(prepare, state, rollout, layouts[n], platform=platform)))
     update_rows = n // (1 if algorithm.single_update else c.algo.num_minibatches)
     _, train_batch, _ = jax.eval_shape(algorithm.prepare, state, rollout)
     train_batch = jax.tree.map(lambda x: _rows(x, update_rows, mesh), train_batch)
 
     def update_memory(algorithm) -> ProgramMemory:
-        update = jax.jit(lambda s, b: update_step(algorithm, optimizer, s, b), donate_argnums=0)
-        return _memory("update", _compile(update, state, train_batch, platform=platform))
+        update = jax.jit(lambda s, b, layout: update_step(algorithm, optimizer, s, b, packing=layout),
+                         donate_argnums=0)
+        return _memory("update", _compile(update, state, train_batch, layouts[update_rows], platform=platform))
 
     if "update" in programs:
         measured.append(update_memory(algorithm))
@@ -198,6 +201,27 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cu
             other = dataclasses.replace(c, model=dataclasses.replace(c.model, remat=remat))
             result["remat"][remat] = update_memory(abstract_setup(other, mesh)[0])
     return result
+
+
+def _worst_packing(c: Config, algorithm, rows: int, mesh):
+    """With `train.packing`, the shapes of the largest packed layout of `rows` sequences: every
+    sequence at its full `prompt_length + max_new_tokens` (what a batch can hold at most), so the
+    plan bounds any step's memory; None without packing."""
+    if not c.train.packing:
+        return None
+    length = c.rollout.prompt_length + c.rollout.max_new_tokens
+    pack_length = c.train.pack_length or 1 << (length - 1).bit_length()
+    if pack_length < length:
+        raise UserError(f"`train.pack_length`: got {pack_length}, expected at least {length} "
+                        "(rollout.prompt_length + rollout.max_new_tokens) for the plan.")
+    num_micro = algorithm.num_micro_batches(rows)
+    per_micro = rows // num_micro
+    packed_rows = packing.bucket(-(-per_micro // (pack_length // length)))
+    tokens = packing.bucket(per_micro * c.rollout.max_new_tokens)
+    whole = parallel.replicated(mesh)
+    grid = jax.ShapeDtypeStruct((num_micro, packed_rows, pack_length), jnp.int32, sharding=whole)
+    index = jax.ShapeDtypeStruct((num_micro, tokens), jnp.int32, sharding=whole)
+    return packing.PackedLayout(grid, grid, index, index)
 
 
 def _per_device_bytes(x) -> int:

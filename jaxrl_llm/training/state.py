@@ -70,16 +70,17 @@ def step_keys(state: TrainState, step: int):
 
 
 def update_step(algorithm: Algorithm, optimizer: optax.GradientTransformation, state: TrainState, batch,
-                dropout_key=None):
+                dropout_key=None, packing=None):
     """One optimizer step on `batch` (micro-batch by micro-batch when configured):
     `(new state, (aux Stats, {"loss/total", "grad_norm", "finite"}))`. Only `state.params` are
     differentiated and updated (a LoRA policy's base is read, never touched). `dropout_key`: the
-    LoRA adapters' dropout in this update's forward (None: none).
+    LoRA adapters' dropout in this update's forward (None: none). `packing`: the batch's sequences
+    packed in rows (`training.packing.plan`; None: one sequence per row).
 
     A non-finite loss or gradient norm leaves the state as it was (`finite` False): applied, a
     NaN would reach every parameter, and the host decides whether to stop or skip the batch."""
     (loss, (aux, baseline_state)), grads = algorithm.value_and_grad(state.params, batch, state.base_params,
-                                                                    dropout_key)
+                                                                    dropout_key, packing)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -63,6 +63,7 @@ from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, get_spec, min
 from jaxrl_llm.training.checkpoint import Checkpointer
 from jaxrl_llm.training.config import Config
 from jaxrl_llm.training.logging import MetricsLogger, Progress, describe_eval, plot_curves, to_json
+from jaxrl_llm.training.packing import Packer
 from jaxrl_llm.training.evaluation import evaluate_held_out, held_out_prompts
 from jaxrl_llm.training.prompts import next_prompts, prompt_limit, tokenize_prompts
 from jaxrl_llm.training.runtime import (CompileTimer, InvalidRewards, NonFiniteUpdate, StopSignals,
@@ -295,7 +296,16 @@ class Trainer:
         batch, samples, sampled_scores, sampled_valid, trained_scores, data_metrics = self.collect()
 
         # 3. Reference log-probabilities; with several updates also old log-probs, values, advantages.
-        self.state, train_batch, metrics = self._prepare(self.state, batch)
+        # With train.packing the sequences share rows (planned here, on the host, from their lengths).
+        packer = None
+        if c.train.packing:
+            packer = Packer(batch, algorithm=self.algorithm, num_samples=c.algo.num_samples,
+                            pack_length=c.train.pack_length,
+                            place=lambda layout: jax.device_put(layout, parallel.replicated(self.mesh)))
+        layout = packer and packer()
+        self.state, train_batch, metrics = self._prepare(self.state, batch, layout)
+        if packer:
+            metrics["train/packed_fill"] = packer.fill(layout)
 
         # 4. Updates: epochs x minibatches of whole prompt groups.
         update_stats, update_scalars = [], []
@@ -304,8 +314,11 @@ class Trainer:
                                       c.algo.num_samples, c.algo.num_minibatches)
             for indices in order:
                 minibatch = train_batch if self.algorithm.single_update else take(train_batch, indices)
+                if packer and not self.algorithm.single_update:
+                    layout = packer(indices)
                 self.state, (stats, scalars) = self._update(self.state, minibatch,
-                                                            self._dropout_key(shuffle_key, len(update_scalars)))
+                                                            self._dropout_key(shuffle_key, len(update_scalars)),
+                                                            layout)
                 update_stats.append(stats)
                 update_scalars.append(scalars)
         self.state = self.state.replace(step=self.state.step + 1)

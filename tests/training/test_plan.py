@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxrl_llm.errors import UserError
 from jaxrl_llm.training import load_config
 from jaxrl_llm.training.plan import REMAT_BY_COST, format_plan, plan
 
@@ -61,6 +62,20 @@ def test_plan_says_what_each_memory_lever_saves(tiny_policy_dir):
     # PPO adds a critic (float32 + AdamW, 12 B per weight) next to RLOO's policy (12 B) and
     # reference (4 B here, float32 compute): close to (12 + 12 + 4) / (12 + 4).
     assert 1.6 < ppo_state / rloo_state < 1.8
+
+
+def test_plan_lowers_the_packed_programs_at_their_largest_layout(tiny_policy_dir):
+    """With train.packing the plan compiles prepare and the update on the largest packed layout a
+    batch can need (every sequence full length), and micro-batches still shrink it."""
+    common = [f"model.path={tiny_policy_dir}", "rollout.prompts_per_step=8", "algo.num_samples=4",
+              "rollout.prompt_length=12", "rollout.max_new_tokens=16", "train.packing=true"]
+    whole = {m.name: m for m in plan(load_config(None, common), devices=1, programs=("prepare", "update"),
+                                     platform="cpu")["programs"]}
+    micro = {m.name: m for m in plan(load_config(None, [*common, "train.micro_batch_size=8"]), devices=1,
+                                     programs=("prepare", "update"), platform="cpu")["programs"]}
+    assert 0 < micro["update"].temporaries < whole["update"].temporaries
+    with pytest.raises(UserError, match="`train.pack_length`: got 20, expected at least 28"):
+        plan(load_config(None, [*common, "train.pack_length=20"]), devices=1, programs=("update",), platform="cpu")
 
 
 def test_plan_needs_the_prompt_width(tiny_policy_dir):

@@ -48,6 +48,7 @@ from jaxrl_llm.models import lora
 from jaxrl_llm.objectives import Stat
 from jaxrl_llm.training.algorithms.base import (AdvantageInputs, Forward, ObjectiveInputs, RolloutBatch,
                                                 TrainBatch)
+from jaxrl_llm.training import packing as packed
 from jaxrl_llm.training.algorithms.registry import get_spec
 
 
@@ -66,36 +67,51 @@ def completion_slice(x, rollout: RolloutBatch):
 
 
 def policy_forward(graphdef, params, rollout: RolloutBatch, *, temperature, chunk_size, vocab_chunk_size=None,
-                   top_k=0, top_p=1.0, compute_dtype=None, dropout_key=None) -> Forward:
+                   top_k=0, top_p=1.0, compute_dtype=None, dropout_key=None,
+                   packing: packed.PackedLayout | None = None) -> Forward:
     """Log-probabilities and entropies of the completion tokens under the sampling distribution
     (its temperature and top-k / top-p set; pass the defaults for a reference policy), with the
     forward pass in `compute_dtype` (None: the parameters' own).
 
     `params`: the model's state, or a tuple of states (LoRA: the adapters and the frozen base).
-    `dropout_key`: LoRA dropout for this forward (a training pass); None: none."""
+    `dropout_key`: LoRA dropout for this forward (a training pass); None: none.
+    `packing`: the rollout's sequences packed in rows (`training.packing`; one micro-batch's
+    layout): the same log-probabilities at every completion token, 0 after the stop token."""
     states = params if isinstance(params, tuple) else (params,)
     model = nnx.merge(graphdef, *models.cast_floating(states, compute_dtype))
     if dropout_key is not None:
         lora.set_dropout_key(model, dropout_key)
+    options = dict(temperature=temperature, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+                   softcap=model.final_logit_softcapping, top_k=top_k, top_p=top_p)
+    if packing is not None:
+        hidden = models.hidden_states(model, packing.ids, segment_ids=packing.segment_ids)
+        logprobs, entropy = obj.linear_token_logprobs(
+            packed.gather_tokens(hidden, packing)[None], model.unembedding_matrix(),
+            packed.completion_targets(rollout.tokens, packing)[None], **options)
+        shape = rollout.tokens.shape
+        return Forward(packed.scatter_tokens(logprobs[0], packing, shape),
+                       packed.scatter_tokens(entropy[0], packing, shape), hidden)
     ids, attention = sequence_inputs(rollout)
     hidden = models.hidden_states(model, ids, attention)
     # Straight from hidden states: the [N, T, V] logits exist only [chunk_size, vocab_chunk_size] at a time.
     logprobs, entropy = obj.linear_token_logprobs(
-        completion_slice(hidden, rollout), model.unembedding_matrix(), rollout.tokens,
-        temperature=temperature, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-        softcap=model.final_logit_softcapping,
-        top_k=top_k, top_p=top_p)
+        completion_slice(hidden, rollout), model.unembedding_matrix(), rollout.tokens, **options)
     return Forward(logprobs, entropy, hidden)
 
 
-def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_hidden, compute_dtype=None):
-    """V(s_t) for each completion token t: the critic's value at the position before it."""
+def critic_values(critic_graphdef, critic_params, rollout: RolloutBatch, policy_hidden, compute_dtype=None,
+                  packing: packed.PackedLayout | None = None):
+    """V(s_t) for each completion token t: the critic's value at the position before it
+    (`packing`: with `policy_hidden` and the separate critic's pass in the packed layout)."""
     critic = nnx.merge(critic_graphdef, models.cast_floating(critic_params, compute_dtype))
     if critic.layout == "shared":
         values = critic(hidden=policy_hidden)
+    elif packing is not None:
+        values = critic(packing.ids, segment_ids=packing.segment_ids)
     else:
-        ids, attention = sequence_inputs(rollout)
-        values = critic(ids, attention)
+        values = critic(*sequence_inputs(rollout))
+    if packing is not None:
+        return packed.scatter_tokens(packed.gather_tokens(values, packing), packing, rollout.tokens.shape)
     return completion_slice(values, rollout)
 
 
@@ -169,23 +185,25 @@ class Algorithm:
             return True
         return self.num_micro_batches(num_sequences) > 1 and self.spec.spans_batch_reads_policy
 
-    def _forward(self, params, rollout, base=None, dropout_key=None):
+    def _forward(self, params, rollout, base=None, dropout_key=None, packing=None):
         """The policy's forward; `base`: the frozen base a LoRA policy's adapters sit on."""
         return policy_forward(self.graphdef, params if base is None else (params, base), rollout,
                               temperature=self.temperature, chunk_size=self.chunk_size,
                               vocab_chunk_size=self.vocab_chunk_size, top_k=self.top_k, top_p=self.top_p,
-                              compute_dtype=self.compute_dtype, dropout_key=dropout_key)
+                              compute_dtype=self.compute_dtype, dropout_key=dropout_key, packing=packing)
 
-    def _values(self, critic_params, rollout, policy_hidden):
-        return critic_values(self.critic_graphdef, critic_params, rollout, policy_hidden, self.compute_dtype)
+    def _values(self, critic_params, rollout, policy_hidden, packing=None):
+        return critic_values(self.critic_graphdef, critic_params, rollout, policy_hidden, self.compute_dtype,
+                             packing)
 
-    def _reference_logprobs(self, ref_params, rollout):
+    def _reference_logprobs(self, ref_params, rollout, packing=None):
         # The reference is the frozen base policy's full softmax (at the sampling temperature):
         # a top-k / top-p set of its own would give sampled tokens log-probability -inf.
         # With LoRA it is the base with the adapters off: the same weights, another graph.
         ref = policy_forward(self.reference_graphdef or self.graphdef, ref_params, rollout,
                              temperature=self.temperature, chunk_size=self.chunk_size,
-                             vocab_chunk_size=self.vocab_chunk_size, compute_dtype=self.compute_dtype)
+                             vocab_chunk_size=self.vocab_chunk_size, compute_dtype=self.compute_dtype,
+                             packing=packing)
         return jax.lax.stop_gradient(ref.logprobs)
 
     def _advantages(self, inputs: AdvantageInputs):
@@ -196,34 +214,37 @@ class Algorithm:
         return jax.lax.stop_gradient((advantages, returns)) + (baseline_state,)
 
     # -- before the updates: ref logprobs; with several updates also old logprobs, values, advantages --
-    def _prepare_forwards(self, state, rollout: RolloutBatch, with_policy: bool) -> dict:
+    def _prepare_forwards(self, state, rollout: RolloutBatch, with_policy: bool, packing=None) -> dict:
         """The forward passes of `prepare`, micro-batch by micro-batch: reference log-probabilities
         and, `with_policy`, the policy's log-probabilities, entropies and (a critic) values."""
 
-        def forwards(rows: RolloutBatch) -> dict:
+        def forwards(rows: RolloutBatch, layout) -> dict:
             out = {}
             if self.uses_reference:
                 reference = state.base_params if self.lora else state.ref_params
-                out["ref_logprobs"] = self._reference_logprobs(reference, rows)
+                out["ref_logprobs"] = self._reference_logprobs(reference, rows, layout)
             if with_policy:
-                old = self._forward(state.params["policy"], rows, state.base_params)
+                old = self._forward(state.params["policy"], rows, state.base_params, packing=layout)
                 out.update(old_logprobs=old.logprobs, entropy=old.entropy)
                 if self.spec.critic:
-                    out["old_values"] = self._values(state.params["critic"], rows, old.hidden)
+                    out["old_values"] = self._values(state.params["critic"], rows, old.hidden, layout)
             return jax.lax.stop_gradient(out)
 
         num_micro = self.num_micro_batches(rollout.tokens.shape[0])
         if num_micro == 1:
-            return forwards(rollout)
+            return forwards(rollout, None if packing is None else packing.micro_batch(0))
         k = self.cfg.num_samples
-        out = jax.lax.map(forwards, split_micro_batches(rollout, num_micro, k))
+        out = jax.lax.map(lambda args: forwards(*args), (split_micro_batches(rollout, num_micro, k), packing))
         return jax.tree.map(lambda x: merge_micro_batches(x, k), out)
 
-    def prepare(self, state, rollout: RolloutBatch):
+    def prepare(self, state, rollout: RolloutBatch, packing: packed.PackedLayout | None = None):
+        """See the module docstring. `packing`: the batch's sequences packed in rows, micro-batch by
+        micro-batch (`training.packing.plan`); every forward pass then runs on the packed rows."""
         spec = self.spec
         num_sequences = rollout.tokens.shape[0]
         with_policy = self.needs_old_forward(num_sequences)
-        out = self._prepare_forwards(state, rollout, with_policy)
+        self._check_packing(packing, num_sequences)
+        out = self._prepare_forwards(state, rollout, with_policy, packing)
         ref_logprobs = out.get("ref_logprobs")
         inputs = AdvantageInputs(rollout, out.get("old_logprobs"), ref_logprobs, out.get("old_values"),
                                  state.baseline, self.kl_kind)
@@ -302,19 +323,20 @@ class Algorithm:
                                           seq_mask=self.spec.policy_rows(self.cfg, rollout, rows))
         return {"policy": policy, "bonus": bonus}
 
-    def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None):
+    def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None,
+             packing: packed.PackedLayout | None = None):
         """`(loss, (aux, baseline_state))`: `aux` a dict of `Stat`s; `baseline_state` the EMA
         baseline after this batch (None unless the algorithm keeps one). `denominators` (from
         `loss_denominators` on the whole batch) when `batch` is one micro-batch of it; None:
         `batch`'s own. LoRA: `base` is the frozen base (not differentiated), `dropout_key` the
-        adapters' dropout."""
+        adapters' dropout. `packing`: `batch`'s sequences packed in rows (one micro-batch's layout)."""
         cfg, spec, rollout = self.cfg, self.spec, batch.rollout
         denominators = denominators or self.loss_denominators(batch)
         mask = rollout.mask * rollout.valid[:, None]  # the metrics: every completion with a reward
         rows = self.loss_rows(rollout)
         loss_mask = rollout.mask * rows[:, None]
-        fwd = self._forward(params["policy"], rollout, base, dropout_key)
-        values = self._values(params["critic"], rollout, fwd.hidden) if spec.critic else None
+        fwd = self._forward(params["policy"], rollout, base, dropout_key, packing)
+        values = self._values(params["critic"], rollout, fwd.hidden, packing) if spec.critic else None
         # The sampling policy's log-probabilities (the KL in the reward, the advantages, the logged
         # KL): measured by `prepare` when it ran the policy (without dropout), else this forward's.
         sampling_logprobs = batch.old_logprobs
@@ -348,37 +370,46 @@ class Algorithm:
         aux.update(self._kl_metrics(sampling_logprobs, batch.ref_logprobs, mask))
         return loss, (aux, baseline_state)
 
-    def value_and_grad(self, params, batch: TrainBatch, base=None, dropout_key=None):
+    def value_and_grad(self, params, batch: TrainBatch, base=None, dropout_key=None,
+                       packing: packed.PackedLayout | None = None):
         """`((loss, (aux, baseline_state)), grads)` of `loss` on `batch`, micro-batch by micro-batch.
 
         The micro-batches' losses use the whole batch's denominators, so their sum is the whole
         batch's loss and the sum of their gradients (accumulated in float32) its gradient; the
         `Stat`s of `aux` add up exactly. Only `params` are differentiated: a LoRA policy's frozen
         `base` gets no gradient. Micro-batch m's dropout key is `fold_in(dropout_key, m)`.
+        `packing`: `batch`'s sequences packed, micro-batch by micro-batch (`training.packing.plan`).
         """
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         num_micro = self.num_micro_batches(batch.rollout.tokens.shape[0])
+        self._check_packing(packing, batch.rollout.tokens.shape[0])
         if num_micro == 1:
-            return grad_fn(params, batch, None, base, dropout_key)
+            return grad_fn(params, batch, None, base, dropout_key, None if packing is None else packing.micro_batch(0))
         denominators = self.loss_denominators(batch)
         # Scalars (the baseline and its state) are shared by every micro-batch; rows are split.
         shared = dict(baseline_state=batch.baseline_state, baseline=batch.baseline)
         rows = split_micro_batches(batch._replace(baseline_state=None, baseline=None), num_micro,
                                    self.cfg.num_samples)
 
-        def micro_step(micro, index):
+        def micro_step(micro, index, layout):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            (loss, (aux, _)), grads = grad_fn(params, micro._replace(**shared), denominators, base, key)
+            (loss, (aux, _)), grads = grad_fn(params, micro._replace(**shared), denominators, base, key, layout)
             return loss, aux, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
-        def accumulate(total, micro_and_index):
-            return jax.tree.map(jnp.add, total, micro_step(*micro_and_index)), None
+        def accumulate(total, micro_index_layout):
+            return jax.tree.map(jnp.add, total, micro_step(*micro_index_layout)), None
 
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], rows), 0))
-        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (rows, jnp.arange(num_micro)))
+        first = jax.tree.map(lambda x: x[0], (rows, packing))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_step, first[0], 0, first[1]))
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (rows, jnp.arange(num_micro), packing))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return (loss, (aux, batch.baseline_state)), grads
+
+    def _check_packing(self, packing, num_sequences: int) -> None:
+        if packing is not None and packing.ids.shape[0] != self.num_micro_batches(num_sequences):
+            raise UserError(f"packing: got a layout for {packing.ids.shape[0]} micro-batches, expected "
+                            f"{self.num_micro_batches(num_sequences)} (plan it with the rows of "
+                            "`training.packing.micro_batch_rows`).")
 
     def _kl_metrics(self, sampling_logprobs, ref_logprobs, mask):
         """One definition of `kl` for every algorithm: the k1 estimate of KL(pi || pi_ref) per valid
