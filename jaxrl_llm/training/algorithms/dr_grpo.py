@@ -9,21 +9,16 @@ penalised less per token) and scales advantages by the group std (easy and hard 
 more). The clipped per-token surrogate and the in-loss KL are GRPO's (`grpo_loss`).
 """
 
+import dataclasses
 import functools
 
 from jaxrl_llm.training.algorithms import grpo
-from jaxrl_llm.training.algorithms.base import AlgorithmSpec
 
-
-SPEC = AlgorithmSpec(
+# GRPO's spec with the two biases removed; everything else (objective, KL, ratio levels) is GRPO's.
+SPEC = dataclasses.replace(
+    grpo.SPEC,
     name="dr_grpo",
     summary="score - group mean (no std) | grpo_loss, token sums / max length",
-    objective=grpo.objective,
     advantages=functools.partial(grpo.advantages, default_scale="none"),
     aggregation="seq-mean-token-sum-norm",
-    kl_kind="k3",
-    ratio_levels=("token", "sequence"),
-    min_samples=2,
-    batch_wide_advantages=True,
-    kl_in_objective=True,
 )
