@@ -25,9 +25,12 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.parallel import distributed
+from jaxrl_llm.parallel.mesh import BATCH_AXES, replicated
 
 
 class PackedLayout(NamedTuple):
@@ -106,13 +109,15 @@ def _first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]
     return rows
 
 
-def plan(prompt_ids, prompt_mask, tokens, completion_mask, *, rows: np.ndarray, pack_length: int) -> PackedLayout:
+def plan(prompt_ids, prompt_mask, tokens, completion_mask, *, rows: np.ndarray, pack_length: int,
+         row_multiple: int = 1) -> PackedLayout:
     """The `PackedLayout` of a batch split into micro-batches `rows` [M, n] (see `micro_batch_rows`).
 
     Args:
       prompt_ids, prompt_mask: [N, P] left-padded prompts; tokens, completion_mask: [N, T].
       rows: [M, n] the batch rows of each micro-batch, in the order the training step splits them.
       pack_length: L, tokens per packed row (at least the longest prompt + completion).
+      row_multiple: the rows per micro-batch are a multiple of this (the devices they are split over).
     """
     prompt_ids, prompt_mask, tokens = (np.asarray(x) for x in (prompt_ids, prompt_mask, tokens))
     prompt_lengths, completion_lengths = sequence_lengths(prompt_mask, completion_mask)
@@ -125,7 +130,7 @@ def plan(prompt_ids, prompt_mask, tokens, completion_mask, *, rows: np.ndarray, 
                         "longest prompt + completion of this batch.")
     width, slots = prompt_ids.shape[1], tokens.shape[1]
     placements = [_first_fit_decreasing(lengths[micro], pack_length) for micro in rows]
-    num_rows = bucket(max(len(p) for p in placements))
+    num_rows = -(-bucket(max(len(p) for p in placements)) // row_multiple) * row_multiple
     num_tokens = bucket(max(int(completion_lengths[micro].sum()) for micro in rows))
     m, n = rows.shape
     ids = np.zeros((m, num_rows, pack_length), np.int32)
@@ -172,19 +177,24 @@ class Packer:
     the micro-batches the algorithm runs (`num_micro_batches`, `micro_batch_rows`).
 
     `pack_length` (None: the batch's longest sequence, to a power of two) is one for the step.
-    `place`: puts a layout on the devices (e.g. replicated over the mesh)."""
+    `mesh`: the packed rows are split over all its devices, as the batch's sequences are (each
+    device runs the forward and backward of its rows); None: a layout of host arrays."""
 
-    def __init__(self, rollout, *, algorithm, num_samples: int, pack_length: int | None, place=lambda x: x):
+    def __init__(self, rollout, *, algorithm, num_samples: int, pack_length: int | None, mesh=None):
         self.host = [distributed.to_host(x) for x in (rollout.prompt_ids, rollout.prompt_mask, rollout.tokens,
                                                       rollout.mask)]
         self.pack_length = default_pack_length(self.host[1], self.host[3], pack_length)
-        self.algorithm, self.num_samples, self.place = algorithm, num_samples, place
+        self.algorithm, self.num_samples, self.mesh = algorithm, num_samples, mesh
 
     def __call__(self, indices=None) -> PackedLayout:
         indices = np.arange(len(self.host[0])) if indices is None else np.asarray(indices)
         num_micro = self.algorithm.num_micro_batches(len(indices))
         rows = indices[micro_batch_rows(len(indices), num_micro, self.num_samples)]
-        return self.place(plan(*self.host, rows=rows, pack_length=self.pack_length))
+        if self.mesh is None:
+            return plan(*self.host, rows=rows, pack_length=self.pack_length)
+        layout = plan(*self.host, rows=rows, pack_length=self.pack_length, row_multiple=self.mesh.size)
+        split_rows = NamedSharding(self.mesh, P(None, BATCH_AXES))  # [M, R, L]: R over the devices
+        return PackedLayout(*(jax.device_put(x, split_rows if x.ndim == 3 else replicated(self.mesh)) for x in layout))
 
     def fill(self, layout: PackedLayout) -> float:
         """The share of a layout's token slots that hold a real token."""

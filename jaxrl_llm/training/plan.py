@@ -217,9 +217,11 @@ def _worst_packing(c: Config, algorithm, rows: int, mesh):
     num_micro = algorithm.num_micro_batches(rows)
     per_micro = rows // num_micro
     packed_rows = packing.bucket(-(-per_micro // (pack_length // length)))
+    packed_rows = -(-packed_rows // mesh.size) * mesh.size  # split over the devices, as the trainer does
     tokens = packing.bucket(per_micro * c.rollout.max_new_tokens)
     whole = parallel.replicated(mesh)
-    grid = jax.ShapeDtypeStruct((num_micro, packed_rows, pack_length), jnp.int32, sharding=whole)
+    split_rows = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+    grid = jax.ShapeDtypeStruct((num_micro, packed_rows, pack_length), jnp.int32, sharding=split_rows)
     index = jax.ShapeDtypeStruct((num_micro, tokens), jnp.int32, sharding=whole)
     return packing.PackedLayout(grid, grid, index, index)
 

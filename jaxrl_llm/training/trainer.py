@@ -300,8 +300,7 @@ class Trainer:
         packer = None
         if c.train.packing:
             packer = Packer(batch, algorithm=self.algorithm, num_samples=c.algo.num_samples,
-                            pack_length=c.train.pack_length,
-                            place=lambda layout: jax.device_put(layout, parallel.replicated(self.mesh)))
+                            pack_length=c.train.pack_length, mesh=self.mesh)
         layout = packer and packer()
         self.state, train_batch, metrics = self._prepare(self.state, batch, layout)
         if packer:

@@ -128,6 +128,18 @@ def test_plan_places_every_completion_token_once():
                 assert flat_ids[index + 1] == tokens[row, t]
 
 
+def test_rows_split_over_devices_come_in_multiples_of_them():
+    """10 sequences of 8 tokens, two to a row of 16: 5 rows; split over 4 devices, 8 (3 of padding)."""
+    ids, prompt_mask = np.full((10, 3), 5), np.ones((10, 3), np.int32)
+    tokens, completion_mask = np.full((10, 5), 6), np.ones((10, 5), np.float32)
+    rows = np.arange(10)[None]
+    one = packing.plan(ids, prompt_mask, tokens, completion_mask, rows=rows, pack_length=16)
+    four = packing.plan(ids, prompt_mask, tokens, completion_mask, rows=rows, pack_length=16, row_multiple=4)
+    assert one.ids.shape[1] == 5 and four.ids.shape[1] == 8
+    np.testing.assert_array_equal(four.ids[:, :5], one.ids)
+    assert not four.segment_ids[:, 5:].any()
+
+
 def test_bucket_rounds_to_four_values_per_octave():
     assert [packing.bucket(x) for x in (0, 3, 5, 9, 11, 17, 33, 100)] == [1, 3, 5, 10, 12, 20, 40, 112]
     assert len({packing.bucket(x) for x in range(65, 129)}) == 4
