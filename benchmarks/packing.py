@@ -20,8 +20,6 @@ the same length distribution (each new shape compiles `prepare` and the update o
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +36,8 @@ from jaxrl_llm.tasks.tokenizer import VOCAB, save_char_tokenizer
 from jaxrl_llm.training import Trainer, load_config, packing
 from jaxrl_llm.training.algorithms import RolloutBatch
 
+from algorithms import machine  # noqa: E402 - benchmarks/algorithms.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,12 +52,6 @@ def skewed_batch(rng, *, n: int, width: int, slots: int, short: int) -> RolloutB
     scores = rng.random(n).astype(np.float32)
     return RolloutBatch(*(jnp.asarray(x) for x in (prompt_ids, prompt_mask, tokens, mask, scores)),
                         jnp.ones(n, bool), jnp.asarray(lengths < slots))
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}"
 
 
 def main() -> None:
