@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -71,17 +72,22 @@ def sequence_lengths(prompt_mask: np.ndarray, completion_mask: np.ndarray) -> tu
     return prompt_lengths, np.where(completion_mask.any(1), last, 0)
 
 
-def default_pack_length(prompt_mask: np.ndarray, completion_mask: np.ndarray, pack_length: int | None) -> int:
-    """`pack_length` if given (checked against the longest sequence), else the longest sequence
-    rounded up to a power of two."""
-    prompt_lengths, completion_lengths = sequence_lengths(prompt_mask, completion_mask)
-    longest = int((prompt_lengths + completion_lengths).max())
+def row_length(longest: int, pack_length: int | None, *, longest_is: str) -> int:
+    """`pack_length` if given (at least `longest`, which is `longest_is`), else `longest` rounded up
+    to a power of two."""
     if pack_length is None:
         return 1 << max(longest - 1, 0).bit_length()
     if pack_length < longest:
-        raise UserError(f"`train.pack_length`: got {pack_length}, expected at least {longest}, the longest "
-                        "prompt + completion of this batch (or null: the longest, rounded up to a power of two).")
+        raise UserError(f"`train.pack_length`: got {pack_length}, expected at least {longest}, {longest_is} "
+                        "(or null: that, rounded up to a power of two).")
     return pack_length
+
+
+def default_pack_length(prompt_mask: np.ndarray, completion_mask: np.ndarray, pack_length: int | None) -> int:
+    """`row_length` for this batch's longest prompt + completion."""
+    prompt_lengths, completion_lengths = sequence_lengths(prompt_mask, completion_mask)
+    return row_length(int((prompt_lengths + completion_lengths).max()), pack_length,
+                      longest_is="the longest prompt + completion of this batch")
 
 
 def micro_batch_rows(num_sequences: int, num_micro: int, num_samples: int) -> np.ndarray:
@@ -125,9 +131,7 @@ def plan(prompt_ids, prompt_mask, tokens, completion_mask, *, rows: np.ndarray, 
         raise UserError("rollout.prompt_mask: a prompt with no real token; packing (train.packing) needs at least "
                         "one prompt token before each completion (the position that predicts its first token).")
     lengths = prompt_lengths + completion_lengths
-    if lengths.max() > pack_length:
-        raise UserError(f"`train.pack_length`: got {pack_length}, expected at least {int(lengths.max())}, the "
-                        "longest prompt + completion of this batch.")
+    row_length(int(lengths.max()), pack_length, longest_is="the longest prompt + completion of this batch")
     width, slots = prompt_ids.shape[1], tokens.shape[1]
     placements = [_first_fit_decreasing(lengths[micro], pack_length) for micro in rows]
     num_rows = -(-bucket(max(len(p) for p in placements)) // row_multiple) * row_multiple
@@ -163,12 +167,12 @@ def gather_tokens(x: jax.Array, layout: PackedLayout) -> jax.Array:
 def scatter_tokens(x: jax.Array, layout: PackedLayout, shape: tuple[int, int]) -> jax.Array:
     """[C] per completion token -> [n, T], 0 where no completion token is (padded entries dropped)."""
     n, t = shape
-    return jax.numpy.zeros((n * t,), x.dtype).at[layout.token_source].set(x, mode="drop").reshape(n, t)
+    return jnp.zeros((n * t,), x.dtype).at[layout.token_source].set(x, mode="drop").reshape(n, t)
 
 
 def completion_targets(tokens: jax.Array, layout: PackedLayout) -> jax.Array:
     """[C] the completion token at each entry of the layout (padded entries: any valid token)."""
-    return jax.numpy.take(tokens.reshape(-1), layout.token_source, mode="clip")
+    return jnp.take(tokens.reshape(-1), layout.token_source, mode="clip")
 
 
 class Packer:
@@ -197,5 +201,7 @@ class Packer:
         return PackedLayout(*(jax.device_put(x, split_rows if x.ndim == 3 else replicated(self.mesh)) for x in layout))
 
     def fill(self, layout: PackedLayout) -> float:
-        """The share of a layout's token slots that hold a real token."""
-        return float((np.asarray(layout.segment_ids) > 0).mean())
+        """The share of the whole batch's layout (`packer()`) token slots that hold a real token:
+        from the host's lengths and the layout's shape, so it reads nothing back from the devices."""
+        prompt_lengths, completion_lengths = sequence_lengths(self.host[1], self.host[3])
+        return float((prompt_lengths + completion_lengths).sum() / np.prod(layout.ids.shape))

@@ -210,10 +210,8 @@ def _worst_packing(c: Config, algorithm, rows: int, mesh):
     if not c.train.packing:
         return None
     length = c.rollout.prompt_length + c.rollout.max_new_tokens
-    pack_length = c.train.pack_length or 1 << (length - 1).bit_length()
-    if pack_length < length:
-        raise UserError(f"`train.pack_length`: got {pack_length}, expected at least {length} "
-                        "(rollout.prompt_length + rollout.max_new_tokens) for the plan.")
+    pack_length = packing.row_length(length, c.train.pack_length,
+                                     longest_is="rollout.prompt_length + rollout.max_new_tokens, for the plan")
     num_micro = algorithm.num_micro_batches(rows)
     per_micro = rows // num_micro
     packed_rows = packing.bucket(-(-per_micro // (pack_length // length)))
