@@ -173,3 +173,10 @@ def test_trainer_step_with_packing_logs_what_it_logs_without(toy_config, algo, e
             _assert_close(packed[key], plain[key], key, rtol=1e-4)
     for a, b in zip(packed_params, plain_params):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_trainer_reads_pack_length(toy_config):
+    """`train.pack_length` reaches the plan: rows too short for the batch's sequences are refused."""
+    trainer = Trainer(toy_config("train.packing=true", "train.pack_length=4"))
+    with pytest.raises(UserError, match=r"`train.pack_length`: got 4, expected at least \d+, the longest"):
+        trainer.step()
