@@ -6,10 +6,13 @@ alike (a deferred import still runs up the layers when it runs), relative import
 A package may import itself and anything below it:
 
     errors, assets    the one user-facing exception type; files shipped with the package
+    loading           objects a config names (`module:name`, `file.py:name`)
     objectives        pure array functions (no models, optax or I/O)
     models            Flax NNX causal LMs, heads, LoRA, HF import/export
     parallel          device mesh, shardings, several processes
-    rollout           the KV-cache sampler, padding, batched sampling, decoding completions
+    rollout           the KV-cache sampler, padding, batched sampling, decoding completions,
+                      multi-turn episodes (the sampler continued between environment turns)
+    environments      environments and tools: the protocol, tool-call formats, loading them
     tasks             prompt streams, verifiers (built-in and the tasks' own), evaluation
     rewards           reward terms (verifiers, Python functions, reward models) and their sum
     training          config, algorithms, state, the trainer, checkpoints, plan, train-rm
@@ -29,10 +32,12 @@ PACKAGE = "jaxrl_llm"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = [
     ("base", {"errors", "assets"}),
+    ("loading", {"loading"}),
     ("objectives", {"objectives"}),
     ("models", {"models"}),
     ("parallel", {"parallel"}),
     ("rollout", {"rollout"}),
+    ("environments", {"environments"}),
     ("tasks", {"tasks"}),
     ("rewards", {"rewards"}),
     ("training", {"training"}),

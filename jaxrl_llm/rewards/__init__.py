@@ -10,17 +10,14 @@ is dropped from the baseline and the loss.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.loading import load_object
 from jaxrl_llm.tasks import verifiers
 from jaxrl_llm.tasks.verifiers import ANSWER_VERIFIERS, exact_match, numeric, parse_number, regex
 
@@ -32,6 +29,11 @@ class Sample(NamedTuple):
     text: str  # decoded completion, EOS excluded
     finished: bool  # the completion ended with EOS
     token_ids: tuple[int, ...]  # completion token ids, EOS included when finished
+    # Multi-turn episodes: the episode's environment (its `reward()` is the `environment` term)
+    # and the transcript as `(role, text)` parts, role "policy" or "environment"; `text` is then
+    # the whole transcript and `finished` says the environment ended the episode.
+    environment: object = None
+    transcript: tuple[tuple[str, str], ...] | None = None
 
 
 Term = Callable[[Sequence[Sample]], Sequence[float]]
@@ -53,32 +55,7 @@ def task_term(task) -> Term:
 
 def load_function(target: str, where: str = "`reward.terms[].target`") -> Callable:
     """The function `target` names: `package.module:function`, or `path/to/file.py:function`."""
-    if not isinstance(target, str) or ":" not in target:
-        raise UserError(f"{where}: got {target!r}, expected 'package.module:function' or 'path/to/file.py:function'.")
-    module_name, fn_name = target.rsplit(":", 1)
-    if module_name.endswith(".py"):
-        if not os.path.isfile(module_name):
-            raise UserError(f"{where}: no file at {module_name!r} (a relative path in a config file is "
-                            "relative to that file; on the command line, to the working directory).")
-        # Files beside the reward file are importable from it, as when it is run as a script.
-        directory = os.path.dirname(os.path.abspath(module_name))
-        if directory not in sys.path:
-            sys.path.append(directory)
-        spec = importlib.util.spec_from_file_location(f"jaxrl_llm_rewards_{abs(hash(module_name))}", module_name)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise UserError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UserError(f"{where}: cannot import {target!r} ({e}).") from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"{where}: {module_name!r} has no function {fn_name!r}.")
-    return fn
+    return load_object(target, where)
 
 
 def trl_arguments(samples: Sequence[Sample]) -> dict:
@@ -146,6 +123,21 @@ def verifier_term(kind: str, pattern: str | None = None) -> Term:
 
     verify.__name__ = kind if pattern is None else f"regex({pattern!r})"
     return verify
+
+
+def environment_term() -> Term:
+    """Each episode's environment's `reward()` (multi-turn rollouts with `rollout.environment`)."""
+
+    def environment_reward(samples):
+        missing = [i for i, s in enumerate(samples) if not callable(getattr(s.environment, "reward", None))]
+        if missing:
+            raise RewardError("reward kind 'environment' reads each episode's environment's reward(), and "
+                              f"{'these samples have no environment' if samples[missing[0]].environment is None else 'the environment class has no reward() method'} "
+                              f"(samples {missing[:5]}); set rollout.environment to a class with reward(), or use "
+                              "another reward kind.")
+        return [s.environment.reward() for s in samples]
+
+    return environment_reward
 
 
 def reward_model_term(path: str, *, batch_size: int = 32, append_eos: bool = True) -> Term:
@@ -293,6 +285,8 @@ def build_reward(reward_config, task, *, max_new_tokens: int | None = None) -> R
             terms.append((spec.weight, task_term(task)))
         elif spec.kind == "python":
             terms.append((spec.weight, python_term(spec.target)))
+        elif spec.kind == "environment":
+            terms.append((spec.weight, environment_term()))
         elif spec.kind in ("exact_match", "numeric", "regex"):
             terms.append((spec.weight, verifier_term(spec.kind, spec.pattern)))
         else:
@@ -313,6 +307,7 @@ def build_reward(reward_config, task, *, max_new_tokens: int | None = None) -> R
     )
 
 
-__all__ = ["ANSWER_VERIFIERS", "RewardError", "RewardFunction", "Sample", "build_reward", "exact_match", "load_function",
+__all__ = ["ANSWER_VERIFIERS", "RewardError", "RewardFunction", "Sample", "build_reward", "environment_term", "exact_match",
+           "load_function",
            "numeric", "overlong_penalty", "parse_number", "python_term", "regex", "standardize", "reward_model_term", "task_term",
            "trl_arguments", "verifier_term", "verifiers"]

@@ -61,6 +61,8 @@ class Rollout:
       temperature: the sampling temperature (static; 0.0 for greedy).
       num_samples: K, the completions per prompt (static).
       top_k, top_p: the sampler's filter (static; 0 and 1.0 when none, and for greedy decoding).
+      observation_mask: [N, T] int32, 1 for tokens an environment wrote into a multi-turn episode
+        (``rollout.episodes``): in the context, never trained on (``mask`` 0); None for one turn.
     """
 
     tokens: jax.Array
@@ -72,6 +74,7 @@ class Rollout:
     num_samples: int = struct.field(pytree_node=False, default=1)
     top_k: int = struct.field(pytree_node=False, default=0)
     top_p: float = struct.field(pytree_node=False, default=1.0)
+    observation_mask: jax.Array | None = None
 
     @property
     def logprob_temperature(self) -> float:
@@ -207,6 +210,22 @@ def _is_eos(tokens: jax.Array, eos_token_ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the compiled loop
 
 
+def prefill(model, prompt_ids, prompt_mask, cache_length: int, opts: _Options):
+    """`(logits [B*K, V] of each row's next token, KVCache of B*K rows and cache_length slots)`.
+
+    Each prompt is prefilled once, then each of its K samples gets a copy of its cache."""
+    batch, k = prompt_ids.shape[0], opts.num_samples
+    cache = model.init_cache(batch, cache_length, opts.cache_dtype)
+    # Left padding: the last column is every row's last token, the only one whose logits we need.
+    hidden, cache = model.hidden_states(prompt_ids, prompt_mask, None, cache, fresh_cache=True, last_position_only=True)
+    logits = model.unembed(hidden[:, -1])
+    if k > 1:
+        repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
+        logits = repeat(logits)
+        cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid))
+    return logits, cache
+
+
 def _sample_rows(opts: _Options, model, prompt_ids, prompt_mask, uniforms, params: _Sampling):
     """Prefill + while_loop decode for the prompts one device holds: [B, P] prompts -> [B*K, T] arrays.
 
@@ -217,14 +236,7 @@ def _sample_rows(opts: _Options, model, prompt_ids, prompt_mask, uniforms, param
     k, steps = opts.num_samples, opts.max_new_tokens
     n = batch * k
     # The last sampled token is never fed back, so the cache needs P + T - 1 slots.
-    cache = model.init_cache(batch, prompt_len + steps - 1, opts.cache_dtype)
-    # Left padding: the last column is every row's last token, the only one whose logits we need.
-    hidden, cache = model.hidden_states(prompt_ids, prompt_mask, None, cache, fresh_cache=True, last_position_only=True)
-    logits = model.unembed(hidden[:, -1])
-    if k > 1:  # prefill each prompt once, then give each of its K samples a copy of its cache
-        repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
-        logits = repeat(logits)
-        cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid))
+    logits, cache = prefill(model, prompt_ids, prompt_mask, prompt_len + steps - 1, opts)
 
     first, first_lp = _sample_step(logits, uniforms[0], opts, params)
     tokens = jnp.full((n, steps), params.pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -384,6 +396,24 @@ def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowe
 
 def _prepare_generate(arguments: dict):
     """Check ``generate``'s arguments, given by name: (the jitted function, its arguments, the temperature)."""
+    checked = check_sampling_arguments(arguments)
+    args = (arguments["model"], checked.prompt_ids, checked.prompt_mask, checked.rng, checked.params)
+    return _compiled_generate(checked.opts, checked.mesh), args, checked.temperature
+
+
+class CheckedArguments(NamedTuple):
+    opts: _Options
+    params: _Sampling
+    mesh: Mesh | None
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    rng: jax.Array
+    temperature: float
+
+
+def check_sampling_arguments(arguments: dict) -> CheckedArguments:
+    """``generate``'s arguments (by name) checked, each error naming its argument, and turned into
+    the static options and traced parameters of a compiled sampling function."""
     a = types.SimpleNamespace(**arguments)
     temperature = _check_temperature(a.temperature)
     top_p = _check_top_p(a.top_p)
@@ -417,8 +447,7 @@ def _prepare_generate(arguments: dict):
             f"prompt_ids: got {prompt_ids.shape[0]} prompts, expected a multiple of the {mesh.size} devices "
             "of the mesh they are split over"
         )
-    args = (a.model, prompt_ids, prompt_mask, _check_rng(a.rng), params)
-    return _compiled_generate(opts, mesh), args, temperature
+    return CheckedArguments(opts, params, mesh, prompt_ids, prompt_mask, _check_rng(a.rng), temperature)
 
 
 def _sequence_logprobs_impl(chunk_size, top_k, model, temperature, top_p, prompt_ids, prompt_mask, tokens, mask):
