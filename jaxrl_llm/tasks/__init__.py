@@ -1,6 +1,7 @@
 """Tasks: deterministic prompt streams, with verifiable rewards where there is an answer.
 
 ``get_task("arithmetic", max_operand=99)`` builds a task by name; ``TASKS`` lists the names.
+``tool_arithmetic`` is four-digit addition with a calculator tool (``tasks/tool_arithmetic.py``).
 ``dataset`` reads your own prompts from a file (see ``tasks/dataset.py``).
 """
 
@@ -12,8 +13,9 @@ from jaxrl_llm.errors import UserError
 from jaxrl_llm.tasks.arithmetic import ArithmeticTask, accuracy, default_policy_path
 from jaxrl_llm.tasks.base import Example, Task, task_verifies
 from jaxrl_llm.tasks.dataset import DatasetTask
+from jaxrl_llm.tasks.tool_arithmetic import ToolArithmeticTask
 
-TASKS = {"arithmetic": ArithmeticTask, "dataset": DatasetTask}
+TASKS = {"arithmetic": ArithmeticTask, "dataset": DatasetTask, "tool_arithmetic": ToolArithmeticTask}
 
 
 def get_task(name: str, *, tokenizer=None, **options) -> Task:
@@ -40,5 +42,5 @@ def get_task(name: str, *, tokenizer=None, **options) -> Task:
     return TASKS[name](**options)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "DatasetTask", "Example", "Task", "accuracy", "default_policy_path", "get_task",
-           "task_verifies"]
+__all__ = ["TASKS", "ArithmeticTask", "DatasetTask", "Example", "Task", "ToolArithmeticTask", "accuracy",
+           "default_policy_path", "get_task", "task_verifies"]

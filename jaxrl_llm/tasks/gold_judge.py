@@ -76,8 +76,8 @@ def sample_pairs(trainer, num_prompts: int, *, num_samples: int = 4, noise: floa
     from jaxrl_llm.rollout.decode import decode_completions
 
     examples = trainer.task.train_batch(0, num_prompts)
-    rollout = trainer._sample(trainer._tokenize(examples), jax.random.PRNGKey(seed), num_samples=num_samples,
-                              temperature=1.0)
+    rollout = trainer._sample(examples, trainer._tokenize(examples), jax.random.PRNGKey(seed),
+                              num_samples=num_samples, temperature=1.0)
     texts, finished, _ = decode_completions(trainer.tokenizer, rollout.tokens, rollout.mask, trainer.eos_ids)
     prompts = [e.prompt for e in examples for _ in range(num_samples)]
     return preference_pairs(prompts, texts, finished, num_samples=num_samples, noise=noise, seed=seed)
