@@ -92,8 +92,9 @@ class RewardSpec:
 
     # task: the task's verifier; exact_match / numeric: a built-in verifier against the answer;
     # regex: 1 when the completion matches `pattern`; python: a function in TRL's convention;
-    # reward_model: a sequence-classification checkpoint.
-    kind: Literal["task", "exact_match", "numeric", "regex", "python", "reward_model"] = "task"
+    # reward_model: a sequence-classification checkpoint; environment: each episode's
+    # environment's reward() (multi-turn rollouts, `rollout.environment`).
+    kind: Literal["task", "exact_match", "numeric", "regex", "python", "reward_model", "environment"] = "task"
     weight: float = 1.0
     # python: "package.module:function" or "path/to/rewards.py:function"; reward_model: a directory.
     target: str | None = None
@@ -193,6 +194,26 @@ class RolloutConfig:
     # Sequences the sampler generates at once (a multiple of algo.num_samples); None: all of a step's.
     # A memory knob: each completion draws from a key of its row, so any size samples the same.
     micro_batch_size: int | None = None
+    # Multi-turn episodes (rollout/episodes.py): the policy's turns interleaved with an
+    # environment's observations, trained on the policy's tokens only. 1 with no environment and
+    # no tools: one completion per prompt (max_new_tokens), exactly as without these keys.
+    max_turns: int = 1
+    # An environment class ("package.module:Class" or "path/to/env.py:Class"), one instance per
+    # episode, built with environment_options; or tools ("module:function", ...) for the
+    # built-in tool environment, calls written in tool_format ("tagged": <call>f(x)</call>;
+    # "chat": the chat template's <tool_call>{json}</tool_call>).
+    environment: str | None = None
+    environment_options: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] = field(default_factory=list)
+    tool_format: Literal["tagged", "chat"] = "tagged"
+    # The episode's tokens after the prompt, policy and observation (max_new_tokens bounds each
+    # policy turn); needed with an environment or tools.
+    max_total_tokens: int | None = None
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts are episodes with an environment (else one completion per prompt)."""
+        return self.environment is not None or bool(self.tools)
 
 
 @dataclass
@@ -417,6 +438,20 @@ def validate(config: Config) -> Config:
         (not t.packing or config.model.attention != "cudnn", "model.attention", config.model.attention,
          "'auto', 'dense' or 'blockwise' with train.packing (cuDNN's attention in jax.nn cannot mask segments)"),
         (len(config.reward.terms) >= 1, "reward.terms", config.reward.terms, "at least one reward term"),
+        (r.max_turns >= 1, "rollout.max_turns", r.max_turns, ">= 1"),
+        (r.max_turns == 1 or r.multi_turn, "rollout.max_turns", r.max_turns,
+         "1 without rollout.environment or rollout.tools (who would answer the policy's turns?)"),
+        (r.environment is None or not r.tools, "rollout.tools", r.tools,
+         "[] with rollout.environment (tools are for the built-in tool environment; a class builds its own)"),
+        (not r.environment_options or r.environment is not None, "rollout.environment_options",
+         r.environment_options, "{} without rollout.environment"),
+        (not r.multi_turn or r.max_total_tokens is not None, "rollout.max_total_tokens", r.max_total_tokens,
+         "an integer >= rollout.max_new_tokens with an environment or tools (the episode's token budget)"),
+        (r.max_total_tokens is None or (r.multi_turn and r.max_total_tokens >= r.max_new_tokens),
+         "rollout.max_total_tokens", r.max_total_tokens,
+         f"null without an environment, else an integer >= rollout.max_new_tokens={r.max_new_tokens}"),
+        (r.multi_turn or all(term.kind != "environment" for term in config.reward.terms), "reward.terms",
+         [term.kind for term in config.reward.terms], "no 'environment' term without rollout.environment"),
     ]
     for ok, name, value, expected in checks:
         if not ok:
@@ -480,8 +515,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def resolve_relative_paths(data: dict, base: Path) -> dict:
-    """Paths a config file names for its own data (`task.options.path` and `eval_path`, reward
-    files `path/to/rewards.py:function`) are relative to the file, so that a recipe runs from
+    """Paths a config file names for its own data (`task.options.path` and `eval_path`, reward,
+    environment and tool files `path/to/file.py:name`) are relative to the file, so that a recipe runs from
     any directory. Paths given as overrides stay relative to the working directory."""
 
     def resolve(path: str) -> str:
@@ -492,6 +527,13 @@ def resolve_relative_paths(data: dict, base: Path) -> dict:
         for key in ("path", "eval_path"):
             if isinstance(options.get(key), str):
                 options[key] = resolve(options[key])
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
+    targets = [("environment", rollout.get("environment"))]
+    targets += [(i, t) for i, t in enumerate(rollout.get("tools") or []) if isinstance(rollout.get("tools"), list)]
+    for key, target in targets:
+        if isinstance(target, str) and ".py:" in target:
+            file, name = target.rsplit(":", 1)
+            (rollout if key == "environment" else rollout["tools"])[key] = f"{resolve(file)}:{name}"
     terms = (data.get("reward") or {}).get("terms") if isinstance(data.get("reward"), dict) else None
     for term in terms if isinstance(terms, list) else []:
         target = term.get("target") if isinstance(term, dict) else None

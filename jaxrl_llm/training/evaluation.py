@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxrl_llm.rollout.decode import decode_completions
 from jaxrl_llm.tasks.evaluate import pass_at_k
 from jaxrl_llm.training.prompts import fit_prompts
 
@@ -27,11 +26,12 @@ def held_out_prompts(task, num_eval: int | None, tokenize, limit: int | None, lo
     return examples, rows
 
 
-def evaluate_held_out(config, examples, prompt_rows, *, sample, score, task, verifies: bool, tokenizer,
-                      eos_ids) -> tuple[dict, list[dict]]:
+def evaluate_held_out(config, examples, prompt_rows, *, sample, score, describe, task,
+                      verifies: bool) -> tuple[dict, list[dict]]:
     """The held-out metrics and the first `train.log_samples` held-out examples as rows of
     prompt, completion, reward, correct (the task's verifier; None without one), reference
-    answer and finished. `sample` and `score` are the trainer's (`Trainer._sample`, `_score`).
+    answer and finished (and, for episodes, the transcript's parts by role). `sample`, `score`
+    and `describe` are the trainer's (`Trainer._sample`, `_score`, `_samples`).
 
     `eval/accuracy` is of one completion per prompt (greedy by default), and with
     `train.eval_samples: k`, `eval/pass@k` and `eval/mean@k` of k samples per prompt at the
@@ -42,7 +42,7 @@ def evaluate_held_out(config, examples, prompt_rows, *, sample, score, task, ver
     if not examples:
         return {}, []
     key = jax.random.PRNGKey(c.train.seed + 1)  # the same draws at every evaluation
-    rollout = sample(prompt_rows, key, num_samples=1, temperature=c.train.eval_temperature)
+    rollout = sample(examples, prompt_rows, key, num_samples=1, temperature=c.train.eval_temperature)
     samples, rewards, valid = score(examples, rollout, 1)
     texts, finished = [s.text for s in samples], np.array([s.finished for s in samples])
     metrics = {"eval/reward": float(rewards[valid].mean()) if valid.any() else float("nan")}
@@ -52,8 +52,10 @@ def evaluate_held_out(config, examples, prompt_rows, *, sample, score, task, ver
         metrics["eval/accuracy"] = float(np.mean(correct))
     k = c.train.eval_samples
     if k and verifies:
-        rollout = sample(prompt_rows, jax.random.fold_in(key, 1), num_samples=k, temperature=c.rollout.temperature)
-        texts_k, finished_k, _ = decode_completions(tokenizer, rollout.tokens, rollout.mask, eos_ids)
+        rollout = sample(examples, prompt_rows, jax.random.fold_in(key, 1), num_samples=k,
+                         temperature=c.rollout.temperature)
+        samples_k = describe(examples, rollout, k)
+        texts_k, finished_k = [s.text for s in samples_k], [s.finished for s in samples_k]
         repeated = [e for e in examples for _ in range(k)]
         correct_k = (np.asarray(task.score_batch(repeated, texts_k, finished_k)) >= 1.0).reshape(-1, k)
         metrics[f"eval/pass@{k}"] = float(np.mean(pass_at_k(correct_k.sum(axis=1), k, k)))
@@ -62,6 +64,9 @@ def evaluate_held_out(config, examples, prompt_rows, *, sample, score, task, ver
              "correct": None if right is None else bool(right), "answer": e.answer, "finished": bool(done)}
             for e, text, reward, ok, right, done in zip(examples, texts, rewards, valid, correct,
                                                         finished)][: c.train.log_samples]
+    for row, s in zip(rows, samples):
+        if s.transcript is not None:  # an episode: the policy's and the environment's parts apart
+            row["transcript"] = [{"role": role, "text": text} for role, text in s.transcript]
     return metrics, rows
 
 

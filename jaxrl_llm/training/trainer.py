@@ -62,6 +62,7 @@ from jaxrl_llm.tasks.base import exact_accuracy
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, get_spec, minibatch_indices, take
 from jaxrl_llm.training.checkpoint import Checkpointer
 from jaxrl_llm.training.config import Config
+from jaxrl_llm.training.episodes import EpisodeRollouts, SampledEpisodes
 from jaxrl_llm.training.logging import MetricsLogger, Progress, describe_eval, plot_curves, to_json
 from jaxrl_llm.training.packing import Packer
 from jaxrl_llm.training.evaluation import evaluate_held_out, held_out_prompts
@@ -106,6 +107,8 @@ class Trainer:
         self.task = get_task(c.task.name, tokenizer=self.tokenizer, **c.task.options)
         self.verifies = task_verifies(self.task)
         self.reward_fn = build_reward(c.reward, self.task, max_new_tokens=c.rollout.max_new_tokens)
+        # Multi-turn episodes: one environment per episode, its reset giving the prompt.
+        self.episodes = EpisodeRollouts(c.rollout, self.tokenizer, eos_ids=self.eos_ids) if c.rollout.multi_turn else None
         # Held-out prompts are tokenized (and fitted to rollout.prompt_length) once.
         self.eval_examples, self.eval_rows = held_out_prompts(self.task, c.task.num_eval, self._tokenize,
                                                               self.prompt_limit, c.rollout.long_prompts,
@@ -194,7 +197,10 @@ class Trainer:
 
     # -- generation and scoring ---------------------------------------------------------------
     def _tokenize(self, examples) -> list[list[int]]:
-        """Prompt token rows; an empty prompt is an error naming it (nothing to condition on)."""
+        """Prompt token rows (of the environment's prompts, in episodes); an empty prompt is an
+        error naming it (nothing to condition on)."""
+        if self.episodes is not None:
+            examples = [e._replace(prompt=self.episodes.prompt(e)) for e in examples]
         return tokenize_prompts(self.tokenizer, examples, self.config.task.name)
 
     def _next_prompts(self, n: int):
@@ -213,23 +219,34 @@ class Trainer:
                   "(rollout.long_prompts); the metrics data/truncated and data/skipped count them", flush=True)
         return examples, rows, read, truncated, skipped
 
-    def _sample(self, rows, key, *, num_samples, temperature):
-        """K completions of each prompt (token rows) by the current policy, `rollout.micro_batch_size`
-        sequences at a time (`sample_rows`), on the host."""
+    def _sample(self, examples, rows, key, *, num_samples, temperature):
+        """K completions of each example's prompt (token rows) by the current policy,
+        `rollout.micro_batch_size` sequences at a time (`sample_rows`), on the host; with an
+        environment, K episodes (`SampledEpisodes`)."""
         r = self.config.rollout
+        if self.episodes is not None:
+            return self.episodes.sample(self.policy_model(self._sampling_params), examples, rows, key,
+                                        num_samples=num_samples, temperature=temperature, mesh=self.mesh,
+                                        cache_dtype=self.compute_dtype, prompt_limit=self.prompt_limit)
         return sample_rows(self.policy_model(self._sampling_params), rows, key, mesh=self.mesh,
                            num_samples=num_samples, temperature=temperature, max_new_tokens=r.max_new_tokens,
                            micro_batch_size=r.micro_batch_size, top_k=r.top_k, top_p=r.top_p,
                            prompt_limit=self.prompt_limit, pad_token_id=self.tokenizer.pad_token_id,
                            eos_ids=self.eos_ids, cache_dtype=self.compute_dtype)
 
-    def _score(self, examples, rollout, num_samples):
+    def _samples(self, examples, sampled, num_samples) -> list[Sample]:
+        """The sampled completions (or episodes) as the reward terms see them, decoded."""
+        if isinstance(sampled, SampledEpisodes):
+            return self.episodes.samples(examples, sampled, num_samples)
+        texts, finished, ids = decode_completions(self.tokenizer, sampled.tokens, sampled.mask, self.eos_ids)
+        repeated = [e for e in examples for _ in range(num_samples)]
+        return [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
+
+    def _score(self, examples, sampled, num_samples):
         """Decoded `Sample`s and their raw `(scores, valid)` (the configured terms, penalty and clip;
         `reward.normalize` is applied by `collect`, for the update only). With several processes
         each process scores the rows its devices sampled, and the scores are gathered."""
-        texts, finished, ids = decode_completions(self.tokenizer, rollout.tokens, rollout.mask, self.eos_ids)
-        repeated = [e for e in examples for _ in range(num_samples)]
-        samples = [Sample(e, t, f, i) for e, t, f, i in zip(repeated, texts, finished, ids)]
+        samples = self._samples(examples, sampled, num_samples)
         n = len(samples)
         if jax.process_count() == 1 or n % self.mesh.size:
             scores, valid = self.reward_fn(samples, normalize=False)
@@ -248,8 +265,7 @@ class Trainer:
         """`evaluate()`'s metrics and the first `train.log_samples` held-out examples as rows of
         prompt, completion, reward, correct, reference answer and finished (`evaluate_held_out`)."""
         return evaluate_held_out(self.config, self.eval_examples, self.eval_rows, sample=self._sample,
-                                 score=self._score, task=self.task, verifies=self.verifies,
-                                 tokenizer=self.tokenizer, eos_ids=self.eos_ids)
+                                 score=self._score, describe=self._samples, task=self.task, verifies=self.verifies)
 
     # -- one RL step --------------------------------------------------------------------------
     def collect(self):
@@ -269,11 +285,14 @@ class Trainer:
         examples, prompt_rows, read, truncated, skipped = self._next_prompts(self.prompts_sampled_per_step)
         self.data_position += read
         data_metrics = {"data/truncated": float(truncated), "data/skipped": float(skipped)}
-        rollout = self._sample(prompt_rows, generation_key, num_samples=c.algo.num_samples,
+        sampled = self._sample(examples, prompt_rows, generation_key, num_samples=c.algo.num_samples,
                                temperature=c.rollout.temperature)
+        rollout = sampled.rollout if isinstance(sampled, SampledEpisodes) else sampled
+        if self.episodes is not None:  # measured on every episode sampled, before any selection
+            data_metrics.update(self.episodes.metrics(sampled))
 
-        # 2. Rewards, on the host (verifiers are Python).
-        samples, raw, valid = self._score(examples, rollout, c.algo.num_samples)
+        # 2. Rewards, on the host (verifiers and environments are Python).
+        samples, raw, valid = self._score(examples, sampled, c.algo.num_samples)
         sampled_scores, sampled_valid = raw, valid
         scores = raw  # what the update sees: whitened over everything sampled with reward.normalize
         if self.reward_fn.normalize:

@@ -96,8 +96,8 @@ def test_policy_and_reference_logprobs_are_transformers_and_peft(toy_config, tin
     np.testing.assert_allclose(np.asarray(policy)[mask], _torch_completion_logprobs(peft_model, batch)[mask],
                                atol=1e-4)
     # The sampler runs the adapted policy: its log-probabilities are the training forward's.
-    rows = trainer._tokenize(trainer.task.train_batch(0, 8))
-    rollout = trainer._sample(rows, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
+    examples = trainer.task.train_batch(0, 8)
+    rollout = trainer._sample(examples, trainer._tokenize(examples), step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
     sampled = batch._replace(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                              tokens=rollout.tokens, mask=rollout.mask)
     recomputed = trainer.algorithm._forward(trainer.state.params["policy"], sampled, trainer.state.base_params)

@@ -42,8 +42,8 @@ def test_generation_config_eos_ids_end_completions(toy_config, tiny_policy_dir, 
 
 def test_top_k_top_p_training_logprobs_are_the_samplers(toy_config):
     trainer = Trainer(toy_config("rollout.top_k=5", "rollout.top_p=0.9", algo="grpo"))
-    rows = trainer._tokenize(trainer.task.train_batch(0, 8))
-    rollout = trainer._sample(rows, step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
+    examples = trainer.task.train_batch(0, 8)
+    rollout = trainer._sample(examples, trainer._tokenize(examples), step_keys(trainer.state, 0)[0], num_samples=4, temperature=1.0)
     n = rollout.tokens.shape[0]
     batch = RolloutBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
                          jnp.asarray(np.random.default_rng(0).random(n), jnp.float32), jnp.ones(n, bool))
