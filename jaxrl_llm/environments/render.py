@@ -39,8 +39,8 @@ class Renderer:
             return example.prompt
         if isinstance(reset_output, str):
             return reset_output
-        return self._template(self._with_tool_description(self._messages(reset_output, "reset")),
-                              add_generation_prompt=True)
+        messages = self._as_template_messages(self._messages(reset_output, "reset"))  # as observations render
+        return self._template(self._with_tool_description(messages), add_generation_prompt=True)
 
     # -- observations -------------------------------------------------------------------------
     def observation_ids(self, observation) -> list[int]:
@@ -55,14 +55,25 @@ class Renderer:
         before = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
         rendered = self._template(before)
         end = rendered.rfind("Hello.") + len("Hello.")
-        eos = [t for t in (self.tokenizer.eos_token,) if t and rendered.find(t, end) >= 0]
-        cut = rendered.find(eos[0], end) + len(eos[0]) if eos else end  # the policy samples the EOS itself
+        cut = end + self._end_of_turn_length(rendered[end:])  # the policy samples its end-of-turn token itself
         full = self._template(before + messages, add_generation_prompt=True)
         if not full.startswith(rendered[:cut]):
             raise UserError("`rollout.environment`: the tokenizer's chat template renders a conversation differently "
                             "once a message follows it; observations cannot be appended as text after the policy's "
                             "turn with this template (return text observations instead).")
         return full[cut:]
+
+    def _end_of_turn_length(self, after: str) -> int:
+        """The length of the token that ends an assistant message in the template's text `after`
+        it: the special token right after it (Gemma 3's ``<end_of_turn>``, ChatML's ``<|im_end|>``,
+        not always the tokenizer's EOS: Gemma 3's is ``<eos>``), else the EOS where the text holds
+        it, else 0."""
+        specials = {t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        found = [t for t in specials.union(self.tokenizer.all_special_tokens) if t and after.startswith(t)]
+        if found:
+            return len(max(found, key=len))
+        eos = self.tokenizer.eos_token
+        return after.find(eos) + len(eos) if eos and eos in after else 0
 
     # -- chat template ------------------------------------------------------------------------
     def _messages(self, value, method: str) -> list[dict]:

@@ -53,6 +53,9 @@ def calc(expression: str) -> str:
     plain int is taken as its decimal text: the tagged format's parser hands ``calc(1234)`` over
     as the literal 1234.
 
+    Args:
+        expression: the expression to evaluate, e.g. "1234+5678".
+
     Raises:
       ValueError: anything else (names, calls, ``**``, ``/``, floats), a syntax error, more than
         ``MAX_EXPRESSION_CHARS`` characters, or a value beyond ``MAX_ABS_VALUE``. The message starts
