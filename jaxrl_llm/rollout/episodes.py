@@ -255,7 +255,12 @@ def sample_episodes(
             end = int(length[r])
             turn_ids = tokens[r, turn_start[r]:end].tolist()
             segments[r].append(("policy", int(turn_start[r]), end))
-            answer = environments[r].step(decode(turn_ids))
+            text = decode(turn_ids)
+            try:
+                answer = environments[r].step(text)
+            except Exception as err:  # the environment's bug, named (a tool's error is its observation)
+                raise UserError(f"environments[{r}]: {type(environments[r]).__name__}.step raised "
+                                f"{type(err).__name__}: {err} on the turn {text!r}") from err
             if answer is None:  # the environment ended the episode
                 active[r] = False
                 finished[r] = any(turn_ids[-len(s):] == list(s) for s in stop_ids if len(s) <= len(turn_ids))
