@@ -7,7 +7,16 @@
 A random float32 Llama (hidden 256, 4 layers, vocabulary 2048), 32 prompts of 64 tokens, 64 new
 tokens at temperature 1, EOS off; one warm-up call, then the median of 15 timed calls.
 """
-import time, sys, numpy as np, jax, jax.numpy as jnp, transformers, torch, tempfile, os
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
 from jaxrl_llm import models
 from jaxrl_llm.rollout import generate
 d=os.path.join(tempfile.gettempdir(), 'jaxrl_llm_sampler_before_after')

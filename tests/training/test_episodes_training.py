@@ -172,3 +172,15 @@ def test_reset_must_give_one_prompt_per_example(tmp_path):
 def test_bad_multi_turn_settings_name_the_key(tmp_path, overrides, match):
     with pytest.raises(UserError, match=match):
         Trainer(tool_config(tmp_path, *overrides))
+
+
+@pytest.mark.slow
+def test_the_tool_preset_raises_held_out_accuracy_by_25_points(tmp_path):
+    """configs/rloo_tool_arithmetic.yaml as the README runs it (about a minute on 2 CPU cores)."""
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parents[2] / "configs" / "rloo_tool_arithmetic.yaml",
+                         [f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.plot=false"])
+    summary = Trainer(config).run()
+    assert summary["eval/accuracy_after"] >= summary["eval/accuracy_before"] + 0.25
+    assert summary["tools/calls_per_episode"] > 0.9
