@@ -307,15 +307,21 @@ def main_arithmetic(args, argv) -> dict:
         "max_abs_logit_diff_vs_transformers": parity,
         "wall_seconds": round(wall, 1),
         "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__}",
-        "model": {
-            "num_parameters": num_parameters,
-            "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "intermediate_size": cfg.intermediate_size,
-        },
+        "model": model_summary(cfg, num_parameters),
         "history": history,
     }
+    return save_log(out, log, write_readme, parity)
+
+
+def model_summary(cfg, num_parameters: int) -> dict:
+    """The model's shape, as training_log.json records it."""
+    return {"num_parameters": num_parameters, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+            "intermediate_size": cfg.intermediate_size}
+
+
+def save_log(out: Path, log: dict, write_readme, parity: float) -> dict:
+    """training_log.json and the asset's README.md."""
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     write_readme(out, log)
     print(f"saved {out} (transformers parity {parity:.1e})", flush=True)
@@ -577,21 +583,11 @@ def main_tool(args, argv) -> dict:
         "max_abs_logit_diff_vs_transformers": parity,
         "wall_seconds": round(wall, 1),
         "machine": f"{os.cpu_count()} CPU cores, jax {jax.__version__}",
-        "model": {
-            "num_parameters": num_parameters,
-            "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "intermediate_size": cfg.intermediate_size,
-        },
+        "model": {**model_summary(cfg, num_parameters), "vocab_size": cfg.vocab_size,
+                  "max_position_embeddings": cfg.max_position_embeddings},
         "history": history,
     }
-    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    write_tool_readme(out, log)
-    print(f"saved {out} (transformers parity {parity:.1e})", flush=True)
-    return log
+    return save_log(out, log, write_tool_readme, parity)
 
 
 if __name__ == "__main__":
