@@ -40,7 +40,13 @@ class Renderer:
         if isinstance(reset_output, str):
             return reset_output
         messages = self._as_template_messages(self._messages(reset_output, "reset"))  # as observations render
-        return self._template(self._with_tool_description(messages), add_generation_prompt=True)
+        text = self._template(self._with_tool_description(messages), add_generation_prompt=True)
+        # The template writes the BOS as text; when encoding adds one too, the text's own is
+        # dropped so the policy sees one (as `tasks.dataset` does for chat prompts).
+        bos = self.tokenizer.bos_token
+        probe = self.tokenizer("x")["input_ids"]
+        adds_bos = bos is not None and len(probe) > 0 and probe[0] == self.tokenizer.bos_token_id
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
     # -- observations -------------------------------------------------------------------------
     def observation_ids(self, observation) -> list[int]:

@@ -68,8 +68,10 @@ class ToolEnvironment:
         self.calls = self.errors = 0
         if self.format == "tagged":
             return None
+        # The prompt as the dataset holds it (not one a task already rendered with the template).
         raw = getattr(example, "raw_prompt", None)
-        return raw if isinstance(raw, list) else [{"role": "user", "content": example.prompt}]
+        return raw if isinstance(raw, list) else [{"role": "user", "content": raw if isinstance(raw, str)
+                                                   else example.prompt}]
 
     def step(self, completion_text: str):
         """The results of the turn's calls, or None when it has none (the policy's final answer)."""
