@@ -145,7 +145,7 @@ def test_task_errors_name_the_file_and_field(tmp_path, name, rows, options, mess
 
 
 def test_unknown_task_and_option():
-    with pytest.raises(UserError, match=r"name: unknown task 'gsm8k', expected one of \['arithmetic', 'dataset'\]"):
+    with pytest.raises(UserError, match=r"name: unknown task 'gsm8k', expected one of \['arithmetic', 'dataset', 'tool_arithmetic'\]"):
         get_task("gsm8k")
     with pytest.raises(UserError, match=r"`task.options`: unknown option\(s\) \['max_operands'\]"):
         get_task("arithmetic", max_operands=9)
