@@ -11,6 +11,7 @@ them described in the first user message.
 
 from __future__ import annotations
 
+import functools
 import json
 
 from jaxrl_llm.environments import formats
@@ -44,9 +45,12 @@ class Renderer:
         # The template writes the BOS as text; when encoding adds one too, the text's own is
         # dropped so the policy sees one (as `tasks.dataset` does for chat prompts).
         bos = self.tokenizer.bos_token
+        return text[len(bos):] if self._encoding_adds_bos and text.startswith(bos) else text
+
+    @functools.cached_property
+    def _encoding_adds_bos(self) -> bool:
         probe = self.tokenizer("x")["input_ids"]
-        adds_bos = bos is not None and len(probe) > 0 and probe[0] == self.tokenizer.bos_token_id
-        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+        return self.tokenizer.bos_token is not None and len(probe) > 0 and probe[0] == self.tokenizer.bos_token_id
 
     # -- observations -------------------------------------------------------------------------
     def observation_ids(self, observation) -> list[int]:

@@ -136,6 +136,7 @@ def test_a_custom_environment_rewards_its_episodes(tmp_path):
     expected = trainer.task.score_batch([s.example for s in samples], [s.text for s in samples],
                                         [s.finished for s in samples])
     finished = np.array([s.finished for s in samples])
+    assert finished.any()
     np.testing.assert_array_equal(np.asarray(scores)[finished], expected[finished])
     metrics = trainer.step()
     assert "adder/calls" in metrics
