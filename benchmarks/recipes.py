@@ -2,6 +2,7 @@
 
     python benchmarks/recipes.py dataset [--steps 500]      # -> results/dataset_task.md
     python benchmarks/recipes.py gemma [--steps 3] [--cpu]  # -> results/gemma3_270m_math.md
+                                   [--host-malloc tuned|default]  # glibc as `jaxrl-llm` sets it (tuned)
 
 `dataset`: the main job (`configs/rloo_arithmetic.yaml`) twice, on the built-in task and on a
 JSONL copy of its prompts with a Python reward file (the README's "Your own data" section): the
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from algorithms import machine  # noqa: E402
 
 from jaxrl_llm.tasks import ArithmeticTask  # noqa: E402
-from jaxrl_llm.training import Trainer, load_config  # noqa: E402
+from jaxrl_llm.training import Trainer, load_config, tune_glibc_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.plot=false", "train.tensorboard=false"]
@@ -104,7 +105,9 @@ def gemma(args, work: Path) -> str:
     later = [r["step_time_s"] for r in trained[1:]] or [trained[0]["step_time_s"]]
     lines = [f"# RLOO on Gemma-3-270M, word problems ({args.steps} steps{', CPU-sized batch' if args.cpu else ''})", "",
              f"Machine: {machine()}. Command: `python benchmarks/recipes.py gemma --steps {args.steps}"
-             f"{' --cpu' if args.cpu else ''}`.", "",
+             f"{' --cpu' if args.cpu else ''} --host-malloc {args.host_malloc}` (glibc's malloc "
+             f"{'tuned for large buffers, as `jaxrl-llm` runs' if args.host_malloc == 'tuned' else 'as glibc sets it'}"
+             ").", "",
              f"Overrides of `configs/rloo_gemma3_270m_math.yaml`: `{' '.join(cpu) or 'none'}`.", "",
              f"- first step (compiles): {trained[0]['step_time_s']:.1f} s; later steps: median "
              f"{statistics.median(later):.1f} s over {len(later)}; wall {wall:.0f} s with loading and evaluation",
@@ -130,7 +133,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cpu", action="store_true", help="gemma: a batch sized for a CPU")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--host-malloc", choices=["tuned", "default"], default="tuned",
+                        help="glibc's malloc, as `jaxrl-llm --host-malloc` sets it (tuned, the CLI's default)")
     args = parser.parse_args()
+    if args.host_malloc == "tuned":  # before JAX starts its threads, as the CLI does
+        tune_glibc_malloc()
     args.steps = args.steps or (500 if args.recipe == "dataset" else 200)
     out = args.out or ROOT / "benchmarks" / "results" / (
         "dataset_task.md" if args.recipe == "dataset" else f"gemma3_270m_math{'_cpu' if args.cpu else ''}.md")

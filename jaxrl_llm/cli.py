@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help=CONFIG_HELP)
     common.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    common.add_argument("--host-malloc", choices=["tuned", "default"], default="tuned",
+                        help="glibc's malloc: tuned (the default) keeps XLA:CPU's large buffers for the next "
+                             "call instead of unmapping them and faulting them in again (faster CPU steps; the "
+                             "process keeps its peak memory); default leaves glibc as it is. A MALLOC_* "
+                             "variable in the environment wins (jaxrl_llm/training/host_memory.py)")
     common.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. algo.kl_coef=0.02")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from jaxrl_llm.errors import UserError
 
+    if args.host_malloc == "tuned":  # before JAX starts its threads: they keep the arenas they have
+        from jaxrl_llm.training.host_memory import tune_glibc_malloc
+
+        tune_glibc_malloc()
     if args.command == "train":  # before anything else touches JAX
         from jaxrl_llm.parallel import distributed
 
