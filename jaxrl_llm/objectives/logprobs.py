@@ -342,20 +342,34 @@ def _cpu_block_rows(vocab: int, chunk_size: int | None) -> int:
 def _logits_stats(logits, tokens, temperature, chunk_size, with_entropy):
     """Per row `(log p(y), lse, H or None)`, in row blocks chosen for the platform the program is
     lowered for: cache-sized on CPU, `chunk_size` rows (None: all) on an accelerator."""
-    def in_blocks(block):
+    def in_blocks(block, target_outside=False):
+        # target_outside (XLA:CPU): the blocks return (max, log sum exp) only, and z[y] - max is
+        # gathered from the logits after the loop (within an ulp of the in-loop value: XLA may
+        # fold the division by the temperature differently in the two places). With the target
+        # and the log-prob leaving the loop too, XLA:CPU wrote each block's z - max out instead of
+        # fusing it into the sum: the loss and its gradient from [8192, 32000] logits took 309 ms
+        # instead of 252 (2-core Xeon, benchmarks/results/objectives_vs_pytorch.md).
         def stats(carry, x, y, temperature):
             target, peak, log_total, mean_shifted = _row_stats(_checks.as_float(x) / temperature, y, with_entropy,
                                                                jnp.dtype(x.dtype).itemsize)
             entropy = None if mean_shifted is None else log_total - mean_shifted
+            if target_outside:
+                return carry, (peak, log_total, entropy)
             return carry, (target - log_total, peak + log_total, entropy)
 
         def run(logits, tokens, temperature):
-            return _scan_row_blocks(lambda c, x, y: stats(c, x, y, temperature), None, (logits, tokens), block)[1]
+            out = _scan_row_blocks(lambda c, x, y: stats(c, x, y, temperature), None, (logits, tokens), block)[1]
+            if not target_outside:
+                return out
+            peak, log_total, entropy = out
+            target = _checks.as_float(_column(logits, tokens)) / temperature - peak  # shifted[y]
+            return target - log_total, peak + log_total, entropy
 
         return run
 
     cpu_block = _cpu_block_rows(logits.shape[-1], chunk_size)
-    return lax.platform_dependent(logits, tokens, temperature, cpu=in_blocks(cpu_block), default=in_blocks(chunk_size))
+    return lax.platform_dependent(logits, tokens, temperature, cpu=in_blocks(cpu_block, target_outside=True),
+                                  default=in_blocks(chunk_size))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
