@@ -128,6 +128,16 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def glibc_as_it_is(monkeypatch):
+    """A test that runs `jaxrl-llm` in this process would tune the worker's malloc for every test
+    after it (`--host-malloc`); tests/training/test_host_memory.py checks the tuning in processes
+    of its own."""
+    from jaxrl_llm.training import host_memory
+
+    monkeypatch.setattr(host_memory, "tune_glibc_malloc", lambda: "left as it is by the tests")
+
+
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
         shutil.rmtree(os.environ["JAXRL_LLM_TEST_CACHE"], ignore_errors=True)
