@@ -10,7 +10,6 @@ no mmap and no trimming of the heap's top keep freed buffers for the next call.
 Measured on a 2-core Xeon: the RLOO loss and its gradient from [8192, 32000] float32 logits
 (benchmarks/results/objectives_vs_pytorch.md) and a Gemma-3-270M training step on the CPU
 (benchmarks/results/gemma3_270m_math_cpu*.md: 15.0 s a step with glibc's defaults, 13.1 s tuned).
-The main job's tiny model allocates too little to notice (201 ms a step either way).
 
 The cost: the process's resident memory stays at its peak (freed memory is reused, not returned),
 and all threads share one arena's lock. A training process reaches its peak on the first step
