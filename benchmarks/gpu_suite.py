@@ -207,7 +207,6 @@ def device_profile(call, calls: int = 3, top: int = 12) -> dict:
 def stage_objectives(smoke: bool, workdir: Path) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import torch
 
     import jaxrl_llm as rl

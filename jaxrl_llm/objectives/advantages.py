@@ -19,7 +19,7 @@ from jax import lax
 
 from jaxrl_llm.errors import UserError
 from jaxrl_llm.objectives import _checks
-from jaxrl_llm.objectives.aggregation import masked_mean, masked_sum, masked_var, psum_if
+from jaxrl_llm.objectives.aggregation import masked_mean, masked_sum, masked_var
 from jaxrl_llm.objectives.kl import kl_penalty
 
 GRPO_SCALES = ("group", "batch", "none")
