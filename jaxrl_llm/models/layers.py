@@ -307,18 +307,22 @@ class KVCache(NamedTuple):
         slots and left-padding slots are False and never attended.
       index: int32 scalar, the next slot to write (a traced value, so one compiled
         decode step serves every position).
+      positions: [B, L] int32, the RoPE position of the token in each slot (0 where none).
 
-    Slot j of every row holds token j of the (left-padded) sequence, so sliding-window layers
-    apply their window on slots exactly as transformers applies it on indices. The cache is
-    full length for every layer (no ring buffer for sliding layers yet). Writing past
-    ``max_length`` cannot be checked under jit (``dynamic_update_slice`` clamps): size the
-    cache for prompt + completion.
+    A row's real tokens need not be contiguous: multi-turn episodes leave empty slots between
+    turns (rows at their own lengths share one write index). Sliding-window layers therefore
+    measure their window in these positions, not in slots: a key is in the window of a query
+    iff ``position(key) > position(query) - window``, which for a contiguous row is transformers'
+    index-based window. The cache is full length for every layer (no ring buffer for sliding
+    layers yet). Writing past ``max_length`` cannot be checked under jit
+    (``dynamic_update_slice`` clamps): size the cache for prompt + completion.
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
+    positions: jax.Array
 
     @property
     def max_length(self) -> int:
@@ -338,6 +342,7 @@ def empty_cache(*, num_layers: int, batch_size: int, max_length: int, num_kv_hea
         v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
         valid=jnp.zeros((batch_size, max_length), bool),
         index=jnp.zeros((), jnp.int32),
+        positions=jnp.zeros((batch_size, max_length), jnp.int32),
     )
 
 
@@ -442,6 +447,8 @@ class Context(NamedTuple):
     execution: the backbone's ``Execution`` options (``run_layers`` sets it), read by attention.
     segment_ids: [B, Lk] int, packed sequences (no cache): a token sees only keys of its own
       segment; 0 marks padding. None: one sequence per row.
+    kv_positions: [B, Lk] int, the position of the token in each key slot: sliding windows are
+      measured in positions (see ``KVCache``). None: the slots themselves (contiguous rows).
     """
 
     q_slot: jax.Array
@@ -452,6 +459,7 @@ class Context(NamedTuple):
     max_position: int | None = None
     execution: Execution = Execution()
     segment_ids: jax.Array | None = None
+    kv_positions: jax.Array | None = None
 
 
 def make_context(
@@ -496,8 +504,9 @@ def make_context(
         bound = None if positions is not None else seq
         if positions is None:
             positions = segment_positions(segment_ids)
-        return Context(jnp.arange(seq), mask, positions.astype(jnp.int32), None, False, bound,
-                       segment_ids=segment_ids.astype(jnp.int32)), None
+        positions = positions.astype(jnp.int32)
+        return Context(jnp.arange(seq), mask, positions, None, False, bound, segment_ids=segment_ids.astype(jnp.int32),
+                       kv_positions=positions), None
     if cache is not None:
         if cache.valid.shape[0] != batch:
             raise UserError(f"cache: built for batch {cache.valid.shape[0]}, got input_ids batch {batch}")
@@ -509,14 +518,21 @@ def make_context(
     if cache is None or fresh_cache:  # the new tokens attend only to each other
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        positions = positions.astype(jnp.int32)
         index = None if cache is None else cache.index
-        ctx = Context(jnp.arange(seq), mask, positions.astype(jnp.int32), index, False, bound)
+        ctx = Context(jnp.arange(seq), mask, positions, index, False, bound, kv_positions=positions)
     else:
         if positions is None:
             all_positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
             positions = jax.lax.dynamic_slice(all_positions, (0, cache.index), (batch, seq))
-        ctx = Context(cache.index + jnp.arange(seq), valid, positions.astype(jnp.int32), cache.index, True, bound)
-    return ctx, (None if cache is None else cache._replace(valid=valid, index=cache.index + seq))
+        positions = positions.astype(jnp.int32)
+    if cache is None:
+        return ctx, None
+    cached_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+    if not fresh_cache:
+        ctx = Context(cache.index + jnp.arange(seq), valid, positions, cache.index, True, bound,
+                      kv_positions=cached_positions)
+    return ctx, cache._replace(valid=valid, index=cache.index + seq, positions=cached_positions)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -557,7 +573,9 @@ def dot_product_attention(
     """Causal, padding-masked grouped-query attention, by the implementation ``ctx.execution`` picks.
 
     Query i (slot ``ctx.q_slot[i]``) sees key slot j iff ``j <= q_slot[i]``, ``ctx.kv_valid[b, j]``,
-    and, for a sliding-window layer, ``j > q_slot[i] - sliding_window`` (transformers' index-based window).
+    and, for a sliding-window layer, ``pos[b, j] > pos[b, q_slot[i]] - sliding_window`` with
+    ``pos = ctx.kv_positions``: the window is measured in positions, which for a row of contiguous
+    tokens is transformers' index-based window, and stays right when a cache has empty slots.
     Every implementation computes this same function (``dense_attention`` is the reference); they
     differ in memory and speed (see ``attention_implementation``).
 
@@ -635,14 +653,19 @@ def attention_implementation(
 
 
 def attention_mask(q_slot: jax.Array, kv_valid: jax.Array, *, kv_len: int, sliding_window: int | None,
-                   segment_ids: jax.Array | None = None) -> jax.Array:
+                   segment_ids: jax.Array | None = None, kv_positions: jax.Array | None = None) -> jax.Array:
     """[B, S, Lk] bool: which key slots each query sees (the rule ``dot_product_attention`` states),
-    with ``segment_ids`` [B, Lk] also only those of the query's own segment."""
+    with ``segment_ids`` [B, Lk] also only those of the query's own segment. The window is measured
+    in ``kv_positions`` [B, Lk] (the slots themselves when None)."""
     kv_slot = jnp.arange(kv_len)
-    allowed = kv_slot[None, :] <= q_slot[:, None]  # [S, Lk]
+    allowed = (kv_slot[None, :] <= q_slot[:, None])[None, :, :] & kv_valid[:, None, :]  # [B, S, Lk]
     if sliding_window is not None:
-        allowed = allowed & (kv_slot[None, :] > q_slot[:, None] - sliding_window)
-    allowed = allowed[None, :, :] & kv_valid[:, None, :]
+        if kv_positions is None:
+            allowed = allowed & (kv_slot[None, :] > q_slot[:, None] - sliding_window)[None]
+        else:
+            # A padded query (slot -1, blockwise) sees no key already; clip keeps its lookup in range.
+            q_positions = jnp.take(kv_positions, q_slot, axis=1, mode="clip")  # [B, S]
+            allowed = allowed & (kv_positions[:, None, :] > q_positions[:, :, None] - sliding_window)
     if segment_ids is not None:
         # A padded query (slot -1, blockwise) sees no key already; clip keeps its lookup in range.
         query_segment = jnp.take(segment_ids, q_slot, axis=1, mode="clip")  # [B, S]
@@ -673,7 +696,7 @@ def dense_attention(
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     allowed = attention_mask(ctx.q_slot, ctx.kv_valid, kv_len=k.shape[2], sliding_window=sliding_window,
-                             segment_ids=ctx.segment_ids)
+                             segment_ids=ctx.segment_ids, kv_positions=ctx.kv_positions)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bktd->bskgd", probs, v)

@@ -15,9 +15,11 @@ Everything runs in two compiled functions with static shapes: ``start`` (prefill
 and ``resume`` (append an observation block + next turn), compiled once per observation block
 width (powers of two). Between turns the cache is compacted (each row's real tokens moved to the
 front, in order), so it never needs more than P + 2T + 1 slots however the rows' turns interleave.
-Positions count real tokens, so a token's position, and what it attends to, are those of the
-same token in one forward pass over the whole transcript: the sampled log-probabilities of the
-policy's tokens equal the training forward's.
+Positions count real tokens, and sliding windows are measured in positions (the cache keeps
+each slot's), so a token's position, and what it attends to, are those of the same token in one
+forward pass over the whole transcript, however many empty slots the shared write index leaves
+in a shorter row: the sampled log-probabilities of the policy's tokens equal the training
+forward's.
 
 The completion region of the result ([N, T], T = ``max_total_tokens``) holds the transcript
 contiguously: policy tokens (``mask`` 1) and observation tokens (``observation_mask`` 1, ``mask``
@@ -86,8 +88,10 @@ def compact_cache(cache):
     order = jnp.argsort(~cache.valid, axis=1, stable=True)
     gather = lambda x: jnp.take_along_axis(x, order[:, None, :, None], axis=2)  # noqa: E731  [B, K, L, Dh]
     valid = jnp.take_along_axis(cache.valid, order, axis=1)
+    positions = jnp.take_along_axis(cache.positions, order, axis=1)
     index = jnp.max(jnp.sum(valid, axis=1, dtype=jnp.int32))
-    return cache._replace(k=tuple(map(gather, cache.k)), v=tuple(map(gather, cache.v)), valid=valid, index=index)
+    return cache._replace(k=tuple(map(gather, cache.k)), v=tuple(map(gather, cache.v)), valid=valid, index=index,
+                          positions=positions)
 
 
 def _decode_turn(eo: _EpisodeOptions, model, cache, logits, tokens, mask, logprobs, length, in_turn, uniforms,

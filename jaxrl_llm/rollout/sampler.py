@@ -222,7 +222,8 @@ def prefill(model, prompt_ids, prompt_mask, cache_length: int, opts: _Options):
     if k > 1:
         repeat = functools.partial(jnp.repeat, repeats=k, axis=0)
         logits = repeat(logits)
-        cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid))
+        cache = cache._replace(k=tuple(map(repeat, cache.k)), v=tuple(map(repeat, cache.v)), valid=repeat(cache.valid),
+                               positions=repeat(cache.positions))
     return logits, cache
 
 

@@ -123,10 +123,50 @@ def test_compact_cache_keeps_each_rows_tokens_in_order():
 
     valid = jnp.array([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 0]], bool)
     k = jnp.arange(12, dtype=jnp.float32).reshape(2, 1, 6, 1) * valid[:, None, :, None]
-    out = compact_cache(KVCache((k,), (k,), valid, jnp.int32(6)))
+    positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+    out = compact_cache(KVCache((k,), (k,), valid, jnp.int32(6), positions))
     assert int(out.index) == 3
     np.testing.assert_array_equal(out.valid, [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     np.testing.assert_array_equal(out.k[0][:, 0, :3, 0], [[1, 3, 4], [6, 10, 0]])
+    np.testing.assert_array_equal(out.positions[:, :2], [[0, 1], [0, 1]])
+
+
+class Varied:
+    """Observations of a length that varies with the row and the turn (1 to 5 tokens), 4 turns."""
+
+    def __init__(self, row):
+        self.row, self.turn = row, 0
+
+    def step(self, text):
+        self.turn += 1
+        return None if self.turn > 3 else [10 + self.row] * (1 + (3 * self.row + self.turn) % 5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_sliding", "mistral_window_linear_rope", "qwen2_window"])
+def test_windowed_layers_sample_what_the_training_forward_computes(tmp_path, family):
+    """A window of 4 slots, rows of different prompt and observation lengths: the compacted cache
+    leaves empty slots in the shorter rows, which a window measured in slots would count."""
+    from jaxrl_llm import models
+    from tests.models.conftest import build_hf_model
+
+    overrides = {}
+    if family == "qwen2_window":  # Qwen2 with layer_types: one sliding layer, one global
+        family, overrides = "qwen2_bias", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                               layer_types=["sliding_attention", "full_attention"])
+    hf = build_hf_model(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path)
+    assert any(layer.self_attn.sliding_window == 4 for layer in model.model.layers)
+    rng = np.random.RandomState(1)
+    ids = rng.randint(11, 150, (3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :4], mask[2, :7] = 0, 0
+    out, _ = episodes(model, (ids * mask, mask), make=Varied, max_total_tokens=40, max_new_tokens=5,
+                      eos_token_id=None, stop_sequences=[])
+    r = out.rollout
+    assert (out.turns >= 3).all() and len({len(s) for s in out.segments}) == 1
+    assert len({tuple(e - s for _, s, e in segs) for segs in out.segments}) > 1  # rows at their own lengths
+    np.testing.assert_allclose(full_forward_logprobs(model, r) * r.mask, r.logprobs, atol=2e-5)
 
 
 @pytest.mark.parametrize("change, match", [
