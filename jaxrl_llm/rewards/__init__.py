@@ -34,6 +34,9 @@ class Sample(NamedTuple):
     # the whole transcript and `finished` says the environment ended the episode.
     environment: object = None
     transcript: tuple[tuple[str, str], ...] | None = None
+    # Multi-turn episodes: the tokens of each policy turn (the `reward.overlong` penalty is measured
+    # on them, never on the environment's observation tokens); None for one turn.
+    policy_turn_lengths: tuple[int, ...] | None = None
 
 
 Term = Callable[[Sequence[Sample]], Sequence[float]]
@@ -241,7 +244,7 @@ class RewardFunction:
         finished = np.array([s.finished for s in samples], dtype=bool)
         total = total - self.missing_eos_penalty * (~finished)
         if self.overlong is not None:
-            total = total - overlong_penalty([len(s.token_ids) for s in samples], *self.overlong)
+            total = total - np.array([sample_overlong_penalty(s, *self.overlong) for s in samples])
         valid = np.isfinite(total)
         if self.clip is not None:
             total = np.clip(total, -self.clip, self.clip)
@@ -269,6 +272,15 @@ def overlong_penalty(lengths, max_new_tokens: int, buffer: int, penalty: float) 
     `max_new_tokens` (where the sampler cuts a completion that has not ended)."""
     lengths = np.asarray(lengths, dtype=np.float64)
     return penalty * np.clip((lengths - (max_new_tokens - buffer)) / buffer, 0.0, 1.0)
+
+
+def sample_overlong_penalty(sample: Sample, max_new_tokens: int, buffer: int, penalty: float) -> float:
+    """`overlong_penalty` of one sample: of its completion, or in a multi-turn episode the largest
+    of its policy turns' (each turn is sampled under the `max_new_tokens` limit; the environment's
+    observation tokens are not the policy's and count for nothing). An episode thus loses at most
+    `penalty`, as one completion does, and loses it when one of its turns ran into the limit."""
+    lengths = [len(sample.token_ids)] if sample.policy_turn_lengths is None else sample.policy_turn_lengths
+    return float(np.max(overlong_penalty(lengths, max_new_tokens, buffer, penalty), initial=0.0))
 
 
 def build_reward(reward_config, task, *, max_new_tokens: int | None = None) -> RewardFunction:
@@ -309,5 +321,5 @@ def build_reward(reward_config, task, *, max_new_tokens: int | None = None) -> R
 
 __all__ = ["ANSWER_VERIFIERS", "RewardError", "RewardFunction", "Sample", "build_reward", "environment_term", "exact_match",
            "load_function",
-           "numeric", "overlong_penalty", "parse_number", "python_term", "regex", "standardize", "reward_model_term", "task_term",
+           "numeric", "overlong_penalty", "parse_number", "python_term", "regex", "sample_overlong_penalty", "standardize", "reward_model_term", "task_term",
            "trl_arguments", "verifier_term", "verifiers"]

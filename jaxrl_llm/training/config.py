@@ -108,7 +108,9 @@ class RewardSpec:
 class OverlongConfig:
     """DAPO's soft overlong punishment (Yu et al. 2025, https://arxiv.org/abs/2503.14476): a completion
     of |y| tokens loses penalty * (|y| - (L - buffer)) / buffer, clipped to [0, penalty], with
-    L = rollout.max_new_tokens: nothing up to L - buffer tokens, the whole penalty at L."""
+    L = rollout.max_new_tokens: nothing up to L - buffer tokens, the whole penalty at L. In a
+    multi-turn episode |y| is each policy turn's length (L is a turn's limit) and the episode loses
+    its longest turn's penalty; the environment's observation tokens never count."""
 
     buffer: int = 4  # the last tokens before rollout.max_new_tokens over which the penalty grows
     penalty: float = 1.0  # what a completion of rollout.max_new_tokens tokens loses

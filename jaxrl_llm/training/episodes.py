@@ -103,8 +103,9 @@ class EpisodeRollouts:
             transcript = tuple((role, self.tokenizer.decode(rollout.tokens[i, start:end].tolist(),
                                                             skip_special_tokens=True))
                                for role, start, end in episodes.segments[i])
+            turn_lengths = tuple(end - start for role, start, end in episodes.segments[i] if role == "policy")
             out.append(Sample(examples[i // num_samples], text, bool(episodes.finished[i]), token_ids,
-                              sampled.environments[i], transcript))
+                              sampled.environments[i], transcript, turn_lengths))
         return out
 
     def metrics(self, sampled: SampledEpisodes) -> dict[str, float]:

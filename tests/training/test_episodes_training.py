@@ -185,3 +185,26 @@ def test_the_tool_preset_raises_held_out_accuracy_by_25_points(tmp_path):
     summary = Trainer(config).run()
     assert summary["eval/accuracy_after"] >= summary["eval/accuracy_before"] + 0.25
     assert summary["tools/calls_per_episode"] > 0.9
+
+
+def test_dapo_overlong_penalty_counts_each_policy_turn_never_the_observations(tmp_path):
+    """`reward.overlong` with turns of at most 16 tokens and 40-token episodes: an episode loses
+    the penalty of its longest policy turn, measured here from the mask's runs of policy tokens."""
+    trainer = Trainer(tool_config(tmp_path, "reward.overlong={buffer: 6, penalty: 1.0}"))
+    examples = trainer.task.train_batch(0, 4)
+    sampled = trainer._sample(examples, trainer._tokenize(examples), jax.random.key(0), num_samples=2,
+                              temperature=1.0)
+    samples = trainer._samples(examples, sampled, 2)
+    with_penalty, _ = trainer.reward_fn(samples, normalize=False)
+    trainer.reward_fn.overlong = None
+    without, _ = trainer.reward_fn(samples, normalize=False)
+
+    r = sampled.rollout
+    expected = []
+    for row in np.asarray(r.mask):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))  # starts and ends of policy runs
+        longest = max(np.diff(edges.reshape(-1, 2), axis=1)[:, 0])
+        expected.append(np.clip((longest - (16 - 6)) / 6, 0.0, 1.0))
+    np.testing.assert_allclose(without - with_penalty, expected, atol=1e-6)
+    transcript = np.maximum(r.mask, r.observation_mask).sum(-1)
+    assert (transcript > 16).any() and (np.asarray(expected)[transcript > 16] < 1.0).any()
