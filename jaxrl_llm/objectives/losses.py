@@ -28,7 +28,7 @@ from jaxrl_llm.objectives.advantages import (
     rloo_advantages,
     sequence_rewards,
 )
-from jaxrl_llm.objectives.aggregation import Stat, aggregate_loss
+from jaxrl_llm.objectives.aggregation import LOSS_AGGREGATIONS, Stat, aggregate_loss
 from jaxrl_llm.objectives.kl import kl_penalty
 
 NONFINITE_SCORE_MODES = ("raise", "mask")
@@ -459,6 +459,8 @@ def grpo_loss(
     kl_coef: float = 0.04,
     kl_kind: str = "k3",
     aggregation: str = "seq-mean-token-mean",
+    kl_aggregation: str | None = None,
+    policy_gradient_tokens=None,
     denominator=None,
     axis_name=None,
 ):
@@ -468,6 +470,11 @@ def grpo_loss(
     averaged (original GRPO; pass aggregation="token-mean" for DAPO or
     "seq-mean-token-sum-norm" for Dr. GRPO). Unlike REINFORCE/RLOO, the KL term here
     carries gradient. Shao et al. 2024, https://arxiv.org/abs/2402.03300.
+
+    GSPO (Zheng et al. 2025) is `ratio_level="sequence-mean"` with
+    `aggregation="seq-mean-token-sum"` (one clipped term per completion) and
+    `kl_aggregation="seq-mean-token-mean"`: the KL stays GRPO's per-token mean of each
+    completion, as TRL and verl compute it, instead of growing with the completion's length.
 
     Args:
       logprobs: `[N, T]` current policy log-probabilities (with gradient).
@@ -480,6 +487,13 @@ def grpo_loss(
       kl_coef: weight of the KL term (0 disables it).
       kl_kind: KL estimator ("k3" in the paper; k1 in the loss has zero expected gradient).
       aggregation, denominator, axis_name: as in `ppo_loss`.
+      kl_aggregation: how the KL term is aggregated; None: `aggregation`. It must share
+        `aggregation`'s denominator (`denominator` serves both): any two seq-mean modes
+        (they count completions), or token-mean with token-mean.
+      policy_gradient_tokens: optional `[N, T]` 0/1, the tokens whose clipped surrogate carries
+        gradient (the high-entropy tokens of Wang et al. 2025, https://arxiv.org/abs/2506.01939,
+        TRL's `top_entropy_quantile`); the KL's gradient still reaches every completion token,
+        and no value changes. None: every token.
 
     Returns:
       `(loss, aux)`; aux keys loss/policy (surrogate + KL), clipfrac, approx_kl,
@@ -488,16 +502,34 @@ def grpo_loss(
     """
     _check_token_arrays(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     _check_clip(clip_eps, clip_eps_high, None)
+    _checks.check_choice("aggregation", aggregation, LOSS_AGGREGATIONS)
+    kl_aggregation = aggregation if kl_aggregation is None else kl_aggregation
+    _checks.check_choice("kl_aggregation", kl_aggregation, LOSS_AGGREGATIONS)
+    if (kl_aggregation == "token-mean") != (aggregation == "token-mean"):
+        raise UserError(f"`kl_aggregation`: got {kl_aggregation!r} with aggregation={aggregation!r}, expected modes "
+                        "that share a denominator (two seq-mean modes, or token-mean with token-mean).")
     keep = jnp.asarray(mask) > 0
     logprobs = _masked_f32(logprobs, keep)
     ref_logprobs = _masked_f32(ref_logprobs, keep)
+    surrogate_logprobs = logprobs
+    if policy_gradient_tokens is not None:
+        _checks.check_shape("policy_gradient_tokens", policy_gradient_tokens, jnp.shape(mask), like="mask")
+        surrogate_logprobs = jnp.where(jnp.asarray(policy_gradient_tokens) > 0, logprobs,
+                                       lax.stop_gradient(logprobs))
     per_token, advantages, ratio_aux = _clipped_policy_loss(
-        logprobs, lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,
+        surrogate_logprobs, lax.stop_gradient(_masked_f32(old_logprobs, keep)), advantages, keep,
         ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=None,
         axis_name=axis_name)
     kl = kl_penalty(logprobs, ref_logprobs, kind=kl_kind)
-    loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, denominator=denominator,
-                                     axis_name=axis_name)
+    agg = dict(denominator=denominator, axis_name=axis_name)
+    if kl_aggregation == aggregation:
+        loss, loss_stat = aggregate_loss(per_token + kl_coef * kl, mask, aggregation, **agg)
+    else:
+        surrogate, surrogate_stat = aggregate_loss(per_token, mask, aggregation, **agg)
+        kl_term, kl_stat = aggregate_loss(kl, mask, kl_aggregation, **agg)
+        loss = surrogate + kl_coef * kl_term
+        # Both counts are the completions: their numerators add.
+        loss_stat = Stat.ratio(surrogate_stat.total + kl_coef * kl_stat.total, surrogate_stat.count)
     aux = {
         "loss/policy": loss_stat,
         "advantage": Stat.of(advantages, keep, axis_name=axis_name),

@@ -62,7 +62,9 @@ def test_dr_grpo_update_equals_the_reference(toy_config):
 def test_second_gspo_update_clips_the_length_normalised_sequence_ratio(toy_config):
     """GSPO with two updates: A = (s - group mean) / group std fixed before the updates; then
     s_n = exp(1/|y_n| sum_t log pi - log pi_old), loss = -1/N sum_n min(s_n A_n, clip(s_n) A_n)
-    + beta * 1/N sum_n sum_t k3_nt - c * 1/N sum_n sum_t H_nt."""
+    + beta * 1/N sum_n mean_t k3_nt - c * 1/N sum_n mean_t H_nt: the KL and the entropy bonus are
+    each completion's token mean, as TRL's and verl's GSPO compute them (the surrogate is one term
+    per completion; a sum over tokens would weigh the regularisers by the completion's length)."""
     low, high = 0.002, 0.003
     trainer, batch, state, train_batch = setup(toy_config, "gspo", "algo.update_epochs=2", f"algo.clip_eps={low}",
                                                f"algo.clip_eps_high={high}")
@@ -76,8 +78,9 @@ def test_second_gspo_update_clips_the_length_normalised_sequence_ratio(toy_confi
         advantages = ref.grpo_advantages(scores, K, "group", 1e-4)
         ratio = torch.exp(((logp - old_logp) * mask).sum(-1) / mask.sum(-1))
         surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - low, 1 + high))
-        return (surrogate + KL_COEF * (k3(logp, ref_logp) * mask).sum(-1)
-                - ENTROPY_COEF * (entropy * mask).sum(-1)).mean()
+        lengths = mask.sum(-1)
+        return (surrogate + KL_COEF * (k3(logp, ref_logp) * mask).sum(-1) / lengths
+                - ENTROPY_COEF * (entropy * mask).sum(-1) / lengths).mean()
 
     our_loss, grads, aux = our_update(trainer, trainer.state.params, train_batch)
     ref_loss, ref_grads = reference_gradient(trainer, trainer.state.params, batch, loss, old_params=old_params)
@@ -171,6 +174,34 @@ def test_only_the_high_entropy_tokens_carry_the_policy_gradient(toy_config):
     (full_loss, _), full_grads = jax.jit(jax.value_and_grad(all_tokens.loss, has_aux=True))(state.params, train_batch)
     np.testing.assert_allclose(our_loss, float(full_loss), rtol=1e-6)
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)))
+
+
+def test_high_entropy_tokens_restrict_grpos_surrogate_and_leave_its_kl_on_every_token(toy_config):
+    """`algo.entropy_quantile: 0.3` on GRPO (KL in the loss): the clipped surrogate's gradient
+    comes from the selected tokens only (TRL masks its per-token policy loss), while the KL's and
+    the entropy bonus's reach every completion token (Wang et al. 2025 restrict the policy
+    gradient term; verl keeps the entropy and KL terms on all tokens)."""
+    quantile = 0.3
+    trainer, batch, state, train_batch = setup(toy_config, "grpo", f"algo.entropy_quantile={quantile}")
+    scores, mask = torch_batch(batch)
+
+    def loss(logits, ref_logits, **_):
+        logp, entropy = logprobs_and_entropy(logits, batch.tokens)
+        ref_logp, _ = logprobs_and_entropy(ref_logits, batch.tokens)
+        threshold = torch.quantile(entropy.detach()[mask > 0], 1 - quantile)
+        selected = mask * (entropy.detach() >= threshold)
+        assert 0 < selected.sum() < mask.sum()
+        surrogate_logp = torch.where(selected > 0, logp, logp.detach())
+        advantages = ref.grpo_advantages(scores, K, "group", 1e-4)[:, None]
+        ratio = torch.exp(surrogate_logp - logp.detach())
+        surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2))
+        per_token = surrogate + KL_COEF * k3(logp, ref_logp) - ENTROPY_COEF * entropy
+        return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+
+    our_loss, grads, _ = our_update(trainer, state.params, train_batch)
+    ref_loss, ref_grads = reference_gradient(trainer, state.params, batch, loss)
+    np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_equal(grads, ref_grads)
 
 
 def test_the_overlong_penalty_is_dapos_formula():

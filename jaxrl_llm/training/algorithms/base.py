@@ -75,9 +75,7 @@ class ObjectiveInputs:
     cfg: Any  # AlgoConfig
     spec: AlgorithmSpec
     batch: TrainBatch
-    # [N, T] the differentiated policy's (with `algo.entropy_quantile` < 1, the gradient flows only
-    # through the selected tokens'; the values are the same)
-    logprobs: jax.Array
+    logprobs: jax.Array  # [N, T] the differentiated policy's (with gradient at every token)
     entropy: jax.Array  # [N, T] the differentiated policy's
     old_logprobs: jax.Array  # [N, T] the ratio's old side (one update: `logprobs` under stop_gradient)
     sampling_logprobs: jax.Array  # [N, T] the policy that sampled (the reward's KL, the advantages)
@@ -89,6 +87,19 @@ class ObjectiveInputs:
     kl_kind: str
     ratio_level: str | None
     loss_rows: jax.Array  # [N] 0/1 the rows in the loss: a usable reward (and, if asked, not truncated)
+    # [N, T] 0/1 the tokens whose policy-gradient term carries gradient (`algo.entropy_quantile` < 1);
+    # None: every token. Regularisers (an in-loss KL, the entropy bonus) act on every token.
+    gradient_tokens: jax.Array | None = None
+    # How the regularisers in the objective (GRPO's in-loss KL) are aggregated (see `AlgorithmSpec`).
+    regularizer_aggregation: str | None = None
+
+    @property
+    def policy_logprobs(self) -> jax.Array:
+        """[N, T] `logprobs` for the policy-gradient term: the same values, the gradient only
+        through `gradient_tokens` (Wang et al. 2025's high-entropy tokens; every token when None)."""
+        if self.gradient_tokens is None:
+            return self.logprobs
+        return jnp.where(self.gradient_tokens > 0, self.logprobs, jax.lax.stop_gradient(self.logprobs))
 
     @property
     def rollout(self) -> RolloutBatch:
@@ -166,6 +177,10 @@ class AlgorithmSpec:
     # `loss_rows` (a usable reward, and finished if truncated ones are masked); None: `loss_rows`.
     policy_rows: Callable | None = None
     kl_in_objective: bool = False  # the objective reports its own in-loss KL (no `kl/objective`)
+    # How the per-token regularisers (an in-loss KL, the entropy bonus) are aggregated when
+    # `algo.aggregation` is a seq-mean mode; None: like the policy term. GSPO's surrogate is one
+    # term per completion (seq-mean-token-sum), its KL and bonus each completion's token mean.
+    regularizer_aggregation: str | None = None
     entropy_bonus_in_objective: bool = False  # the objective adds `algo.entropy_coef`'s bonus itself
     uses_ema_baseline: Callable[[Any], bool] = lambda cfg: False  # the train state keeps an EMA baseline
 
@@ -195,6 +210,6 @@ def clipped_objective(cfg, x: ObjectiveInputs):
     """`(loss, aux, baseline_state)` of the clipped surrogate (`ppo_loss` without a critic) on the
     advantages `prepare` fixed: what a bandit algorithm optimises with several updates per batch."""
     advantages, _, baseline_state = x.advantages()
-    loss, aux = obj.ppo_loss(x.logprobs, x.old_logprobs, advantages, x.token_mask, **x.clip_options(),
+    loss, aux = obj.ppo_loss(x.policy_logprobs, x.old_logprobs, advantages, x.token_mask, **x.clip_options(),
                              **x.aggregation_options())
     return loss, aux, baseline_state

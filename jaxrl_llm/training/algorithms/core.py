@@ -148,6 +148,10 @@ class Algorithm:
         self.compute_dtype = compute_dtype
         self.micro_batch_size = micro_batch_size
         self.aggregation = algo.aggregation or spec.aggregation
+        # The regularisers' own aggregation applies among the seq-mean modes (which share a denominator).
+        self.regularizer_aggregation = self.aggregation
+        if spec.regularizer_aggregation is not None and self.aggregation != "token-mean":
+            self.regularizer_aggregation = spec.regularizer_aggregation
         self.kl_kind = algo.kl_kind or spec.kl_kind
         self.ratio_level = algo.ratio_level or spec.default_ratio_level
         self.single_update = algo.update_epochs == 1 and algo.num_minibatches == 1
@@ -315,13 +319,9 @@ class Algorithm:
         micro-batch of it, they make the micro-batch losses add up to the batch's."""
         rollout = batch.rollout
         rows = self.loss_rows(rollout)
-        # seq_mask, not only a zero token mask: the seq-mean modes count every row they are given.
-        bonus = obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=rows)
-        policy = bonus
-        if self.spec.policy_rows is not None:
-            policy = obj.loss_denominator(rollout.mask, self.aggregation,
-                                          seq_mask=self.spec.policy_rows(self.cfg, rollout, rows))
-        return {"policy": policy, "bonus": bonus}
+        policy_rows = rows if self.spec.policy_rows is None else self.spec.policy_rows(self.cfg, rollout, rows)
+        return {"policy": obj.loss_denominator(rollout.mask, self.aggregation, seq_mask=policy_rows),
+                "bonus": obj.loss_denominator(rollout.mask, self.regularizer_aggregation, seq_mask=rows)}
 
     def loss(self, params, batch: TrainBatch, denominators: dict | None = None, base=None, dropout_key=None,
              packing: packed.PackedLayout | None = None):
@@ -349,21 +349,20 @@ class Algorithm:
             old_values = None if values is None else jax.lax.stop_gradient(values)
         else:
             old_logprobs, old_values = batch.old_logprobs, batch.old_values
-        logprobs = fwd.logprobs
+        selected = None
         if self.entropy_quantile < 1:
-            # Only the selected tokens carry the gradient; every value (the loss, the ratios, the
-            # metrics) stays that of all tokens. Chosen on the whole batch by `prepare` when it ran
-            # the policy, else here from this forward (then the whole batch, or the sampling policy).
+            # Only the selected tokens carry the policy gradient (the objective's policy term);
+            # every value and the regularisers' gradients stay those of all tokens. Chosen on the
+            # whole batch by `prepare` when it ran the policy, else here from this forward.
             selected = batch.gradient_tokens
             if selected is None:
                 selected = self._gradient_tokens(fwd.entropy, loss_mask)
-            logprobs = jnp.where(selected > 0, logprobs, jax.lax.stop_gradient(logprobs))
-        inputs = ObjectiveInputs(cfg, spec, batch, logprobs, fwd.entropy, old_logprobs, sampling_logprobs, values,
+        inputs = ObjectiveInputs(cfg, spec, batch, fwd.logprobs, fwd.entropy, old_logprobs, sampling_logprobs, values,
                                  old_values, self.single_update, self.aggregation, denominators["policy"],
-                                 self.kl_kind, self.ratio_level, rows)
+                                 self.kl_kind, self.ratio_level, rows, selected, self.regularizer_aggregation)
         loss, aux, baseline_state = spec.objective(cfg, inputs)
         if cfg.entropy_coef and not spec.entropy_bonus_in_objective:
-            entropy_term, _ = obj.aggregate_loss(fwd.entropy, loss_mask, self.aggregation,
+            entropy_term, _ = obj.aggregate_loss(fwd.entropy, loss_mask, self.regularizer_aggregation,
                                                  denominator=denominators["bonus"])
             loss = loss - cfg.entropy_coef * entropy_term
         aux["entropy"] = obj.aggregate_loss(fwd.entropy, mask, "token-mean")[1]

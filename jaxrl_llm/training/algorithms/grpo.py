@@ -20,8 +20,11 @@ def advantages(cfg, x, default_scale="group"):
 
 def objective(cfg, x):
     advantages, _, baseline_state = x.advantages()
+    # The KL's gradient reaches every token; only the surrogate's is restricted (entropy_quantile).
     loss, aux = obj.grpo_loss(x.logprobs, x.old_logprobs, x.batch.ref_logprobs, advantages, x.token_mask,
-                              kl_coef=cfg.kl_coef, kl_kind=x.kl_kind, **x.clip_options(), **x.aggregation_options())
+                              kl_coef=cfg.kl_coef, kl_kind=x.kl_kind, kl_aggregation=x.regularizer_aggregation,
+                              policy_gradient_tokens=x.gradient_tokens, **x.clip_options(),
+                              **x.aggregation_options())
     return loss, aux, baseline_state
 
 

@@ -6,7 +6,9 @@ GRPO's group advantages with one importance ratio per completion, normalised by 
 
 clipped per completion (the paper's clip range is small: 3e-4 below, 4e-4 above). Every token
 of a completion then shares its ratio, so one noisy token cannot clip or blow up the update.
-The KL to the reference, when `algo.kl_coef > 0`, is GRPO's in-loss term.
+The KL to the reference, when `algo.kl_coef > 0`, is GRPO's in-loss term, and it and the entropy
+bonus (`algo.entropy_coef`) are each completion's per-token mean (seq-mean-token-mean), as in TRL
+and verl, not its sum: the surrogate is one term per completion, the regularisers are per token.
 """
 
 from jaxrl_llm.training.algorithms import grpo
@@ -18,6 +20,7 @@ SPEC = AlgorithmSpec(
     objective=grpo.objective,
     advantages=grpo.advantages,
     aggregation="seq-mean-token-sum",
+    regularizer_aggregation="seq-mean-token-mean",
     kl_kind="k3",
     ratio_levels=("sequence-mean",),
     ratio_note="GSPO is defined by its length-normalised sequence ratio",

@@ -21,7 +21,7 @@ def advantages(cfg, x):
 
 def objective(cfg, x):
     advantages, returns, baseline_state = x.advantages()
-    loss, aux = obj.ppo_loss(x.logprobs, x.old_logprobs, advantages, x.token_mask, **x.clip_options(),
+    loss, aux = obj.ppo_loss(x.policy_logprobs, x.old_logprobs, advantages, x.token_mask, **x.clip_options(),
                              values=x.values, old_values=x.old_values, returns=returns, value_clip=cfg.value_clip,
                              vf_coef=cfg.vf_coef, entropy=x.entropy, entropy_coef=cfg.entropy_coef,
                              **x.aggregation_options())

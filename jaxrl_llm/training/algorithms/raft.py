@@ -19,7 +19,7 @@ def selected_rows(cfg, rollout, loss_rows):
 def objective(cfg, x):
     # A completion out of the loss can never be the one imitated: its score counts as missing.
     scores = jnp.where(x.loss_rows > 0, x.rollout.scores, jnp.nan)
-    loss, aux = obj.raft_loss(x.logprobs, scores, x.rollout.mask, num_samples=cfg.num_samples,
+    loss, aux = obj.raft_loss(x.policy_logprobs, scores, x.rollout.mask, num_samples=cfg.num_samples,
                               min_score=cfg.raft_min_score, nonfinite_scores="mask", **x.aggregation_options())
     return loss, aux, x.batch.baseline_state
 

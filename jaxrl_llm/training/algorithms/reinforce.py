@@ -45,7 +45,7 @@ def objective(cfg, x):
     baseline, baseline_state = b.baseline, b.baseline_state  # fixed in `prepare` for micro-batches
     if uses_ema_baseline(cfg) and baseline is None:
         baseline_state, baseline = ema_baseline(cfg, x.advantage_inputs())
-    loss, aux = obj.reinforce_loss(x.logprobs, b.ref_logprobs, x.scores_or_nan, x.rollout.mask,
+    loss, aux = obj.reinforce_loss(x.policy_logprobs, b.ref_logprobs, x.scores_or_nan, x.rollout.mask,
                                    baseline=baseline, **bandit_loss_options(cfg, x))  # None: the batch mean
     return loss, aux, baseline_state
 

@@ -16,7 +16,7 @@ def advantages(cfg, x):
 def objective(cfg, x):
     if not x.single_update:
         return clipped_objective(cfg, x)
-    loss, aux = obj.reinforce_loss(x.logprobs, x.batch.ref_logprobs, x.scores_or_nan, x.rollout.mask,
+    loss, aux = obj.reinforce_loss(x.policy_logprobs, x.batch.ref_logprobs, x.scores_or_nan, x.rollout.mask,
                                    baseline=jnp.zeros(()), **bandit_loss_options(cfg, x))
     return loss, aux, x.batch.baseline_state
 
