@@ -77,8 +77,8 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
 
 
 def aggregate(loss_mat, mask, mode, seq_weight=None):
-    if seq_weight is None:
-        seq_weight = torch.ones(mask.shape[0], dtype=torch.float64)
+    if seq_weight is None:  # the seq-mean modes average over the rows with a token (verl's convention)
+        seq_weight = (mask.sum(-1) > 0).double()
     mask = mask * seq_weight[:, None]
     if mode == "token-mean":
         return (loss_mat * mask).sum() / mask.sum()

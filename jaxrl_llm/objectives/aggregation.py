@@ -123,7 +123,8 @@ def loss_terms(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None):
     """This shard's numerator and denominator of an aggregated per-token loss.
 
     For a per-token loss `l[n, t]`, completion mask `m[n, t]` and sequence weights
-    `s[n]` (default 1), with `T` the padded completion length:
+    `s[n]` (default: 1 for a row with at least one token in the mask, 0 for an empty one),
+    with `T` the padded completion length:
 
     - `token-mean`:              sum_{n,t} s m l / sum_{n,t} s m
     - `seq-mean-token-mean`:     sum_n s (sum_t m l / sum_t m) / sum_n s
@@ -133,9 +134,12 @@ def loss_terms(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None):
 
     `token-mean` weighs every token equally (DAPO); `seq-mean-token-sum` is the
     bandit REINFORCE/RLOO estimator of the source document; `seq-mean-token-mean`
-    is the original GRPO. verl names the same four modes; its
-    `seq-mean-token-sum-norm` divides by T only, ours also averages over sequences
-    so that the loss does not grow with the batch.
+    is the original GRPO. verl names the same four modes and, as here, its seq-mean
+    modes average over the sequences that have a token in the mask (a row masked out
+    entirely, e.g. a failed reward or a truncated completion left out of the loss, is
+    not counted); its `seq-mean-token-sum-norm` is sum_n (sum_t m l / T) over those
+    sequences divided by their number, ours too. TRL's `dr_grpo` and `grpo` losses
+    instead divide by every row of the batch, masked-out ones included.
 
     Returns `(numerator, denominator)`, both scalars, summed over this shard only.
     """
@@ -144,8 +148,8 @@ def loss_terms(loss_mat, mask, mode: str = "token-mean", *, seq_mask=None):
     if seq_mask is not None:
         mask = mask * jnp.asarray(seq_mask, jnp.float32)[:, None]
         seq_weight = jnp.asarray(seq_mask, jnp.float32)
-    else:
-        seq_weight = jnp.ones(mask.shape[:1], jnp.float32)
+    else:  # an empty row is no completion: it counts in no denominator
+        seq_weight = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
     # `where` before multiplying: a NaN/inf under mask 0 must not leak (0 * inf = nan).
     token_losses = jnp.where(mask > 0, loss_mat, 0.0) * mask
     if mode == "token-mean":

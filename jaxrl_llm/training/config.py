@@ -167,8 +167,9 @@ class AlgoConfig:
     entropy_coef: float = 0.0  # entropy bonus, aggregated like the policy loss (with its gradient)
     aggregation: str | None = None  # None: the algorithm's own default
     # Completions cut at rollout.max_new_tokens (no EOS) are left out of the loss and its
-    # denominators, but keep their place in every baseline and advantage (DAPO; TRL's
-    # mask_truncated_completions).
+    # denominators, but keep their place in every baseline and advantage (DAPO). With token-mean
+    # this is TRL's mask_truncated_completions; in the seq-mean modes TRL still counts the rows
+    # and we do not (verl's convention: the loss averages over the completions in it).
     mask_truncated_completions: bool = False
     # Only the completion tokens whose entropy (under the policy that sampled) is in this top
     # fraction of the batch's carry the policy gradient (Wang et al. 2025, "80/20"; TRL's
