@@ -1,6 +1,6 @@
 """Prompts for the rollout: tokenized, read from a task's stream, and fitted to the tokens a
-rollout leaves them (`rollout.prompt_length`, or the model's context after
-`rollout.max_new_tokens`): a longer one is truncated from the left or skipped
+rollout leaves them (`rollout.prompt_length`, or the model's context after the completion
+region): a longer one is truncated from the left or skipped
 (`rollout.long_prompts`)."""
 
 from __future__ import annotations
@@ -9,19 +9,23 @@ from jaxrl_llm.errors import UserError
 
 
 def prompt_limit(rollout, context: int | None) -> int | None:
-    """The most prompt tokens: `rollout.prompt_length`, or what the context leaves after
-    `rollout.max_new_tokens`; prompt + completion must fit the model's context."""
+    """The most prompt tokens: `rollout.prompt_length`, or what the context leaves after the
+    completion region (`rollout.max_new_tokens`; a multi-turn episode's `rollout.max_total_tokens`,
+    its policy and observation tokens together); prompt + completion must fit the model's context."""
     r = rollout
     if context is None:
         return r.prompt_length
-    if r.prompt_length is not None and r.prompt_length + r.max_new_tokens > context:
-        raise UserError(f"`rollout.prompt_length`: got {r.prompt_length}, and with rollout.max_new_tokens="
-                        f"{r.max_new_tokens} a sequence exceeds the model's context of {context} tokens "
-                        "(max_position_embeddings); lower one of them.")
-    if r.max_new_tokens >= context:
-        raise UserError(f"`rollout.max_new_tokens`: got {r.max_new_tokens}, but the model's context is {context} "
-                        "tokens (max_position_embeddings), leaving no room for a prompt.")
-    return r.prompt_length if r.prompt_length is not None else context - r.max_new_tokens
+    completion, key = r.max_new_tokens, "rollout.max_new_tokens"
+    if r.multi_turn and r.max_total_tokens is not None:
+        completion, key = r.max_total_tokens, "rollout.max_total_tokens"
+    if r.prompt_length is not None and r.prompt_length + completion > context:
+        raise UserError(f"`rollout.prompt_length`: got {r.prompt_length}, and with {key}={completion} a sequence "
+                        f"exceeds the model's context of {context} tokens (max_position_embeddings); lower one of "
+                        "them.")
+    if completion >= context:
+        raise UserError(f"`{key}`: got {completion}, but the model's context is {context} tokens "
+                        "(max_position_embeddings), leaving no room for a prompt.")
+    return r.prompt_length if r.prompt_length is not None else context - completion
 
 
 def tokenize_prompts(tokenizer, examples, task_name: str) -> list[list[int]]:

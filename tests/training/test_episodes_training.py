@@ -169,6 +169,11 @@ def test_reset_must_give_one_prompt_per_example(tmp_path):
     (["rollout.environment=x.py:E"], "`rollout.tools`"),
     (["rollout.tools=[jaxrl_llm.tasks.tool_arithmetic:nope]"], r"`rollout.tools`\[0\]: .* has no function 'nope'"),
     (["rollout.tool_format=json"], "rollout.tool_format"),
+    # The shipped tool policy has 64 positions: episodes of 120 tokens after the prompt cannot fit.
+    (["rollout.max_total_tokens=120"], r"`rollout.prompt_length`: got 10, and with rollout.max_total_tokens=120 a "
+                                       r"sequence exceeds the model's context of 64 tokens"),
+    (["rollout.max_total_tokens=64", "rollout.prompt_length=null"],
+     r"`rollout.max_total_tokens`: got 64, but the model's context is 64 tokens"),
 ])
 def test_bad_multi_turn_settings_name_the_key(tmp_path, overrides, match):
     with pytest.raises(UserError, match=match):
