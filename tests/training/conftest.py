@@ -45,3 +45,21 @@ def toy_config(tiny_policy_dir, tmp_path):
         ])
 
     return make
+
+
+@pytest.fixture
+def plain_sgd(monkeypatch):
+    """Trainers built after this take SGD steps (after the same gradient clipping) instead of
+    AdamW's: for tests that compare the parameters of two runs after several updates. Adam
+    divides each step by the gradient's own scale, so where a gradient is near 0 a float32
+    rounding difference becomes a step of up to the learning rate; an SGD step differs from
+    another by the learning rate times their gradients' difference, nothing more."""
+    import optax
+
+    from jaxrl_llm.training import trainer
+
+    def make_sgd(config):
+        o = config.optim
+        return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), optax.sgd(o.learning_rate))
+
+    monkeypatch.setattr(trainer, "make_optimizer", make_sgd)

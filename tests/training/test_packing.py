@@ -156,10 +156,11 @@ def test_pack_length_errors_name_the_key():
     ("rloo", ["algo.update_epochs=2", "algo.num_minibatches=2", "train.micro_batch_size=8"]),
     pytest.param("ppo", ["algo.num_minibatches=2"], marks=pytest.mark.slow),
 ])
-def test_trainer_step_with_packing_logs_what_it_logs_without(toy_config, algo, extra):
+def test_trainer_step_with_packing_logs_what_it_logs_without(toy_config, plain_sgd, algo, extra):
     """The trainer plans a layout for prepare and one per shuffled minibatch (its rows, its
-    micro-batches): a step logs the same metrics packed and unpacked, and the parameters after it
-    agree to the float32 rounding the updates carry."""
+    micro-batches): a step logs the same metrics packed and unpacked, and the parameters after its
+    four updates agree to the float32 rounding of the gradients (SGD steps: Adam's would turn a
+    rounding difference of a near-zero gradient into a step of up to the learning rate)."""
     results = []
     for packed in (False, True):
         trainer = Trainer(toy_config(f"rollout.max_new_tokens={MAX_NEW}", f"train.packing={str(packed).lower()}",
@@ -171,8 +172,8 @@ def test_trainer_step_with_packing_logs_what_it_logs_without(toy_config, algo, e
     for key in ("loss/total", "kl", "entropy", "reward/mean", "grad_norm", "loss/policy"):
         if key in plain:
             _assert_close(packed[key], plain[key], key, rtol=1e-4)
-    for a, b in zip(packed_params, plain_params):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(packed_params, plain_params):  # lr 0.01 times gradients equal to ~1e-5
+        np.testing.assert_allclose(a, b, atol=2e-7, rtol=1e-5)
 
 
 def test_the_trainer_reads_pack_length(toy_config):
