@@ -29,6 +29,7 @@ models are random, the tokenizer is built here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -210,6 +211,7 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
     import torch
 
     import jaxrl_llm as rl
+    from jaxrl_llm.lowering import kernels_of
     from jaxrl_llm.objectives import logprobs as kernel
 
     shapes = SHAPES[smoke]
@@ -278,8 +280,9 @@ def stage_objectives(smoke: bool, workdir: Path) -> dict:
                 continue
             kernel.ACCELERATOR_ROW_STATS = stats
             # A new function per variant: jit's cache must not hand back another variant's trace.
-            traced = jax.jit(jax.value_and_grad(lambda x: ours_rloo(x))).trace(logits)
-            lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+            # The CPU's kernels in a program for this device (`kernels_of`), not a CPU module.
+            with kernels_of(platform) if platform else contextlib.nullcontext():
+                lowered = jax.jit(jax.value_and_grad(lambda x: ours_rloo(x))).trace(logits).lower()
             sides.append((label, jax_call(lowered.compile())))
             kernel.ACCELERATOR_ROW_STATS = None
         for label, call in sides:

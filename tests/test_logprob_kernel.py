@@ -8,6 +8,7 @@ import pytest
 
 import jaxrl_llm
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.lowering import kernels_of
 
 
 def plain_logprobs_and_entropy(z, tokens):
@@ -18,13 +19,15 @@ def plain_logprobs_and_entropy(z, tokens):
 
 
 def lowered_for(platform, fn):
-    """`fn` jitted, lowered for `platform` (its `lax.platform_dependent` branches), run here: XLA:CPU
-    compiles a program lowered for "cuda" as long as it holds no GPU-only custom call, so a CPU
-    checks the numbers of the accelerator's kernel too."""
+    """`fn` jitted with `platform`'s kernels (`jaxrl_llm.lowering.kernels_of`), lowered for and run
+    on this CPU: a CPU checks the numbers of the accelerator's kernel too, without handing XLA:CPU
+    a module lowered for CUDA."""
     jitted = jax.jit(fn)
 
     def call(*args):
-        return jitted.trace(*args).lower(lowering_platforms=(platform,)).compile()(*args)
+        with kernels_of(platform):
+            compiled = jitted.trace(*args).lower().compile()
+        return compiled(*args)
 
     return call
 

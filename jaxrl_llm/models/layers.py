@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.lowering import by_platform
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) stays finite.
 _MASK_VALUE = -1e30
@@ -96,7 +97,7 @@ def fused_linear(x: jax.Array, *linears: Linear) -> list[jax.Array]:
     if rows < _UNFUSED_MIN_ROWS:
         outs = fused(x, kernels, biases)
     else:
-        outs = jax.lax.platform_dependent(x, kernels, biases, cpu=fused, default=separate)
+        outs = by_platform(x, kernels, biases, cpu=fused, default=separate)
     return [out + lin.adapter(x, out.dtype) if lin.lora is not None else out for out, lin in zip(outs, linears)]
 
 
@@ -894,7 +895,7 @@ def run_layers(
             options = execution._replace(remat=remat)
             return lambda x: run_layers(decoder_layers, x, ctx, None, last_only=last_only, execution=options)[0]
 
-        return jax.lax.platform_dependent(x, cpu=stack("none"), default=stack(ACCELERATOR_REMAT)), None
+        return by_platform(x, cpu=stack("none"), default=stack(ACCELERATOR_REMAT)), None
     ctx = ctx._replace(execution=execution)
     if kv is None and not last_only and execution.scan_layers:
         return scan_layers(decoder_layers, x, ctx, remat=execution.remat), None

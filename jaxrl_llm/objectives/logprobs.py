@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.lowering import by_platform
 from jaxrl_llm.objectives import _checks
 
 
@@ -200,7 +201,7 @@ def _row_stats(z, tokens, with_entropy, source_bytes: int = 4):
 
     choice = ACCELERATOR_ROW_STATS or ("one_pass" if source_bytes >= 4 else "two_pass")
     accelerator = one_pass if choice == "one_pass" else two_pass
-    return lax.platform_dependent(z, tokens, cpu=two_pass, default=accelerator)
+    return by_platform(z, tokens, cpu=two_pass, default=accelerator)
 
 
 # The accelerators' forward: None (by the logits' dtype, see `_row_stats`), or "one_pass" /
@@ -303,7 +304,7 @@ def _logit_cotangent(z, token_index, lse, g_logp, entropy=None, g_entropy=None, 
     zeros = jnp.zeros_like(lse)
     args = (z, token_index, lse, g_logp, entropy if with_entropy else zeros, g_entropy if with_entropy else zeros,
             scale)
-    return lax.platform_dependent(*args, cpu=scattered, default=fused)
+    return by_platform(*args, cpu=scattered, default=fused)
 
 
 def _vocab_loop(lower: int, upper: int, body, carry):
@@ -320,7 +321,7 @@ def _vocab_loop(lower: int, upper: int, body, carry):
 
     if upper - lower <= 1:
         return unrolled(carry)
-    return lax.platform_dependent(carry, cpu=rolled, default=unrolled)
+    return by_platform(carry, cpu=rolled, default=unrolled)
 
 
 # --- from logits ----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def _logits_stats(logits, tokens, temperature, chunk_size, with_entropy):
         return run
 
     cpu_block = _cpu_block_rows(logits.shape[-1], chunk_size)
-    return lax.platform_dependent(logits, tokens, temperature, cpu=in_blocks(cpu_block, target_outside=True),
+    return by_platform(logits, tokens, temperature, cpu=in_blocks(cpu_block, target_outside=True),
                                   default=in_blocks(chunk_size))
 
 

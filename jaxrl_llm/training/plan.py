@@ -9,9 +9,11 @@ fake CPU devices, and XLA's memory analysis of each compiled program is read per
 `model.path` may be a directory that holds only `config.json`: no weights are read.
 
 `platform` is the machine the run is planned for (`cuda` by default: plans are for
-accelerators). The programs are lowered for it, so every kernel that picks its blocking by the
-lowering platform (`lax.platform_dependent`: the log-prob kernel) is the one that machine runs,
-and then compiled by XLA:CPU, whose memory analysis is read. cuDNN's attention has no CPU
+accelerators). Every kernel that picks its form by the lowering platform (`jaxrl_llm.lowering`:
+the log-prob kernel's blocking, fused or separate projections, `remat: auto`) is traced as that
+machine runs it, into a program lowered for the CPU and compiled by XLA:CPU, whose memory
+analysis is read. A module lowered for CUDA is never handed to XLA:CPU: it compiles CPU modules
+only (jax 0.12's XLA:CPU aborts on such a module). cuDNN's attention has no CPU
 compiler: the blockwise attention, which like it keeps no `[S, S]` scores for all heads at
 once, stands in for it. The peaks are XLA:CPU's buffer assignment of that program; an
 accelerator's compiler fuses and schedules differently (and CPU may hold bfloat16 intermediates
@@ -35,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import models, parallel
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.lowering import kernels_of
 from jaxrl_llm.rollout import generate
 from jaxrl_llm.training import packing
 from jaxrl_llm.training.algorithms import Algorithm, RolloutBatch, get_spec
@@ -137,21 +140,28 @@ def _memory(name: str, compiled) -> ProgramMemory:
 PROGRAMS = ("generate", "prepare", "update")
 
 
-def _compile(jitted, *args, platform: str):
-    """`jitted` lowered for `platform` and compiled by this host's (CPU) compiler."""
-    return jitted.trace(*args).lower(lowering_platforms=(platform,)).compile()
+def _compile(jitted, *args):
+    """`jitted` lowered for this host's CPU devices and compiled by XLA:CPU (inside `plan`, with
+    the kernels of the planned platform)."""
+    return jitted.trace(*args).lower().compile()
 
 
 def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cuda",
          compare_remat: bool = False) -> dict:
     """Compile the run's sampler, `prepare` and update (or the named `programs`) for `devices`
-    devices of `platform`; returns `{"programs": [ProgramMemory, ...], "state_bytes": per-device
-    train state, ...}`, and with `compare_remat` also `"remat": {policy: update ProgramMemory}`."""
+    devices, with the kernels `platform` runs; returns `{"programs": [ProgramMemory, ...],
+    "state_bytes": per-device train state, ...}`, and with `compare_remat` also
+    `"remat": {policy: update ProgramMemory}`."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise UserError(f"`programs`: got unknown {unknown}, expected some of {list(PROGRAMS)}.")
     if platform not in PLATFORMS:
         raise UserError(f"`--platform`: got {platform!r}, expected one of {list(PLATFORMS)}.")
+    with kernels_of(platform):
+        return _plan(config, devices=devices, programs=programs, platform=platform, compare_remat=compare_remat)
+
+
+def _plan(config: Config, *, devices: int, programs, platform: str, compare_remat: bool) -> dict:
     c = config
     if c.rollout.prompt_length is None:
         raise UserError("`rollout.prompt_length`: got None, expected the prompt width in tokens (the plan has "
@@ -178,10 +188,10 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cu
     measured = []
     layouts = {rows: _worst_packing(c, algorithm, rows, mesh) for rows in {n, n // c.algo.num_minibatches}}
     if "generate" in programs:
-        measured.append(_memory("generate", _compile(*_generate_program(c, graphdef, state, mesh), platform=platform)))
+        measured.append(_memory("generate", _compile(*_generate_program(c, graphdef, state, mesh))))
     if "prepare" in programs:
         prepare = jax.jit(algorithm.prepare, donate_argnums=0)
-        measured.append(_memory("prepare", _compile(prepare, state, rollout, layouts[n], platform=platform)))
+        measured.append(_memory("prepare", _compile(prepare, state, rollout, layouts[n])))
     update_rows = n // (1 if algorithm.single_update else c.algo.num_minibatches)
     _, train_batch, _ = jax.eval_shape(algorithm.prepare, state, rollout)
     train_batch = jax.tree.map(lambda x: _rows(x, update_rows, mesh), train_batch)
@@ -189,7 +199,7 @@ def plan(config: Config, *, devices: int, programs=PROGRAMS, platform: str = "cu
     def update_memory(algorithm) -> ProgramMemory:
         update = jax.jit(lambda s, b, layout: update_step(algorithm, optimizer, s, b, packing=layout),
                          donate_argnums=0)
-        return _memory("update", _compile(update, state, train_batch, layouts[update_rows], platform=platform))
+        return _memory("update", _compile(update, state, train_batch, layouts[update_rows]))
 
     if "update" in programs:
         measured.append(update_memory(algorithm))
@@ -255,7 +265,7 @@ def _generate_program(c: Config, graphdef, state, mesh):
 
 def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
     """The plan as a table: one row per program, bytes per device."""
-    lines = [f"{result.get('platform', 'cpu')} program, mesh {result['mesh']}, {result['sequences']} sequences per step "
+    lines = [f"{result.get('platform', 'cpu')}'s kernels compiled by XLA:CPU, mesh {result['mesh']}, {result['sequences']} sequences per step "
              f"({result['update_sequences']} per update); per-device train state "
              f"{result['state_bytes'] / GiB:.2f} GiB",
              f"{'program':<10}{'arguments':>12}{'outputs':>12}{'donated':>12}{'temporaries':>14}{'peak':>12}  (GiB per device)"]

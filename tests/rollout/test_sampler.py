@@ -278,8 +278,11 @@ def test_a_batch_sampled_in_parts_with_row_offsets_is_the_whole_batch(tiny_llama
     traces = sampler._TRACE_COUNT
     parts += [generate(model, ids[i:i + 2], mask[i:i + 2], row_offset=2 * i, **kwargs) for i in (2, 4)]
     assert sampler._TRACE_COUNT == traces
-    for name in ("tokens", "mask", "logprobs"):
+    for name in ("tokens", "mask"):
         np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
+    # XLA promises no batch-invariant rounding: a batch of 4 rows and one of 12 may reduce in
+    # another order (jax 0.12 does, by one float32 ulp), so the numbers agree to float32 rounding.
+    np.testing.assert_allclose(np.concatenate([p.logprobs for p in parts]), whole.logprobs, rtol=1e-6, atol=1e-6)
     # The same prompts at another offset draw other numbers (rows 6-9 repeat rows 0-3's prompts).
     assert not np.array_equal(parts[0].tokens, parts[2].tokens[:4])
 
