@@ -60,7 +60,7 @@ def sample_rows(policy, rows, key, *, mesh, num_samples: int, temperature: float
 def sample_episode_rows(policy, rows, environments, key, *, mesh, num_samples: int, temperature: float,
                         max_new_tokens: int, max_turns: int, max_total_tokens: int, micro_batch_size: int | None,
                         top_k: int, top_p: float, prompt_limit: int | None, pad_token_id: int, eos_ids,
-                        stop_sequences, decode, encode_observation, cache_dtype=None) -> Episodes:
+                        stop_sequences, decode, encode_observation, cache_dtype=None, stop_strings=()) -> Episodes:
     """`sample_rows` for multi-turn episodes: `environments` holds one environment per sequence
     (prompt-major); one process (environments are Python objects of this process)."""
     parts = []
@@ -72,8 +72,8 @@ def sample_episode_rows(policy, rows, environments, key, *, mesh, num_samples: i
             encode_observation=encode_observation, max_turns=max_turns, max_total_tokens=max_total_tokens,
             max_new_tokens=max_new_tokens, rng=key, num_samples=num_samples, temperature=temperature,
             top_k=top_k if temperature else 0, top_p=top_p if temperature else 1.0, eos_token_id=sorted(eos_ids),
-            stop_sequences=stop_sequences, pad_token_id=pad_token_id, cache_dtype=cache_dtype, row_offset=first,
-            mesh=mesh))
+            stop_sequences=stop_sequences, stop_strings=stop_strings, pad_token_id=pad_token_id,
+            cache_dtype=cache_dtype, row_offset=first, mesh=mesh))
     if len(parts) == 1:
         return parts[0]
     return Episodes(jax.tree.map(lambda *xs: np.concatenate(xs), *[p.rollout for p in parts]),

@@ -151,9 +151,11 @@ def _start(eo: _EpisodeOptions, model, prompt_ids, prompt_mask, uniforms, params
 
 
 def _resume(eo: _EpisodeOptions, model, cache, block_ids, block_mask, tokens, mask, logprobs, length, in_turn,
-            uniforms, params: _Sampling, stop_sequences):
+            keep_below, uniforms, params: _Sampling, stop_sequences):
     """Append each continuing row's observation block (its last sampled token, not yet in the
-    cache, then the observation, left-padded) and sample the rows' next turn."""
+    cache, then the observation, left-padded) and sample the rows' next turn. A row's cached
+    tokens at positions >= `keep_below` [N] leave the cache first (a turn cut at a stop string)."""
+    cache = cache._replace(valid=cache.valid & (cache.positions < keep_below[:, None]))
     cache = compact_cache(cache)
     hidden, cache = model.hidden_states(block_ids, block_mask, None, cache, last_position_only=True)
     logits = model.unembed(hidden[:, -1])
@@ -191,6 +193,7 @@ def sample_episodes(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None,
     stop_sequences: Sequence[Sequence[int]] = (),
+    stop_strings: Sequence[str] = (),
     pad_token_id: int = 0,
     cache_dtype=None,
     row_offset: int = 0,
@@ -216,7 +219,14 @@ def sample_episodes(
       max_new_tokens: the most tokens of one policy turn.
       rng, num_samples, temperature, top_k, top_p, eos_token_id, pad_token_id, cache_dtype,
         row_offset: as for ``generate``; an EOS id ends a turn.
-      stop_sequences: token-id sequences that also end a turn once sampled (e.g. ``</call>``).
+      stop_sequences: token-id sequences that also end a turn once sampled, on the device.
+      stop_strings: texts that end a turn once its decoded text contains one (e.g. ``</call>``),
+        matched on the text as transformers' ``stop_strings`` and vLLM's ``stop`` are: in context
+        a stop string may be tokenized otherwise than alone (a merge with the characters before
+        it, a SentencePiece space), so no id sequence catches it surely. A turn whose text
+        reaches one is cut after the token that completes it: the tokens sampled after it leave
+        the transcript and the cache before anything reads them. Give the string's ids alone in
+        ``stop_sequences`` too, so that the common case stops the loop at once.
       mesh: a ``jax.sharding.Mesh`` to split the rows over (its size must divide B; else one
         device): each device's rows are compiled for it, and no row reads another's.
     Returns:
@@ -246,6 +256,9 @@ def sample_episodes(
 
     cache, *buffers = start(model, put_rows(checked.prompt_ids), put_rows(checked.prompt_mask), uniforms, params,
                             stops)
+    # A completion token at column c sits at position (real prompt tokens) + c.
+    prompt_tokens = np.repeat(np.asarray(checked.prompt_mask).sum(-1), checked.opts.num_samples).astype(np.int32)
+    stop_strings = [_check_stop_string(text) for text in stop_strings]
     observation = np.zeros((n, total), np.int32)
     turns, finished = np.ones(n, np.int64), np.zeros(n, bool)
     truncated = np.zeros(n, np.int64)
@@ -255,9 +268,18 @@ def sample_episodes(
     for turn in range(1, max_turns + 1):
         tokens, mask, logprobs, length = (np.array(x) for x in jax.device_get(buffers))
         blocks: dict[int, list[int]] = {}
+        keep_below = np.full(n, np.iinfo(np.int32).max, np.int32)
         for r in np.flatnonzero(active):
             end = int(length[r])
             turn_ids = tokens[r, turn_start[r]:end].tolist()
+            cut = _stop_string_end(turn_ids, decode, stop_strings)
+            if cut is not None and cut < len(turn_ids):  # the text stopped before the tokens did
+                end = int(turn_start[r]) + cut
+                tokens[r, end:length[r]], mask[r, end:length[r]], logprobs[r, end:length[r]] = params.pad_token_id, 0, 0
+                turn_ids, length[r] = turn_ids[:cut], end
+                # The turn's new last token is cached: it leaves the cache with what follows it,
+                # and is fed again at the head of the next block, as every turn's last token is.
+                keep_below[r] = prompt_tokens[r] + end - 1
             segments[r].append(("policy", int(turn_start[r]), end))
             text = decode(turn_ids)
             try:
@@ -267,7 +289,8 @@ def sample_episodes(
                                 f"{type(err).__name__}: {err} on the turn {text!r}") from err
             if answer is None:  # the environment ended the episode
                 active[r] = False
-                finished[r] = any(turn_ids[-len(s):] == list(s) for s in stop_ids if len(s) <= len(turn_ids))
+                finished[r] = cut == len(turn_ids) or any(turn_ids[-len(s):] == list(s) for s in stop_ids
+                                                          if len(s) <= len(turn_ids))
                 continue
             ids = [int(i) for i in encode_observation(answer)]
             room = total - end - 1  # one token at least is left for the policy's reply
@@ -293,7 +316,7 @@ def sample_episodes(
         in_turn[list(blocks)] = True
         turns += in_turn
         cache, *buffers = resume(model, cache, *map(put_rows, (block_ids, block_mask, tokens, mask, logprobs, length,
-                                                                in_turn)), uniforms, params, stops)
+                                                                in_turn, keep_below)), uniforms, params, stops)
     # The last turn always ends the loop above (no observation is appended after it).
     k = checked.opts.num_samples
     rollout = Rollout(tokens=tokens, mask=mask, logprobs=logprobs,
@@ -309,6 +332,26 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UserError(f"{name}: got {value!r}, expected an integer >= 1")
     return int(value)
+
+
+def _check_stop_string(text) -> str:
+    if not isinstance(text, str) or not text:
+        raise UserError(f"stop_strings: got {text!r}, expected non-empty strings")
+    return text
+
+
+def _stop_string_end(turn_ids: list[int], decode, stop_strings) -> int | None:
+    """The fewest leading tokens of a turn whose decoded text contains a stop string (None: the
+    whole turn's text contains none). A prefix's text grows with the prefix, so a binary search
+    finds it in log2(turn length) decodes."""
+    contains = lambda ids: any(s in decode(ids) for s in stop_strings)  # noqa: E731
+    if not stop_strings or not turn_ids or not contains(turn_ids):
+        return None
+    low, high = 1, len(turn_ids)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if contains(turn_ids[:middle]) else (middle + 1, high)
+    return low
 
 
 def _stop_table(stop_sequences) -> np.ndarray:

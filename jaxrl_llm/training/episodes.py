@@ -55,8 +55,11 @@ class EpisodeRollouts:
         self.renderer = Renderer(tokenizer, tools if rollout.tool_format == "chat" else None)
         probe = self.factory()
         self.has_metrics = has_method(probe, "metrics")
+        # Matched on the turn's text (a stop string may be tokenized otherwise in context), and
+        # its ids alone on the device, which stop the common case at once.
+        self.stop_strings = list(getattr(probe, "stop_strings", None) or [])
         self.stop_sequences = []
-        for text in getattr(probe, "stop_strings", None) or []:
+        for text in self.stop_strings:
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
             if not ids:
                 raise UserError(f"`rollout.environment`: the stop string {text!r} has no tokens in this tokenizer")
@@ -87,6 +90,7 @@ class EpisodeRollouts:
             max_new_tokens=r.max_new_tokens, max_turns=r.max_turns, max_total_tokens=r.max_total_tokens,
             micro_batch_size=r.micro_batch_size, top_k=r.top_k, top_p=r.top_p, prompt_limit=prompt_limit,
             pad_token_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids, stop_sequences=self.stop_sequences,
+            stop_strings=self.stop_strings,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             encode_observation=self.renderer.observation_ids, cache_dtype=cache_dtype)
         return SampledEpisodes(episodes, environments)

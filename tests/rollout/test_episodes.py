@@ -181,3 +181,69 @@ def test_bad_arguments_name_themselves(tiny_llama, prompts, change, match):
     _, model = tiny_llama
     with pytest.raises(UserError, match=match):
         episodes(model, prompts, **change)
+
+
+def call_tokenizer():
+    """A BPE built offline whose merges tokenize `</call>` alone as one token and after an `x` as
+    three: `x<` merges before `</` does, so the id sequence of the stop string alone never occurs."""
+    from tokenizers import Tokenizer, decoders, models as bpe_models
+
+    pieces = ["x", "<", "/", "c", "a", "l", ">", "y", "x<", "</", "ca", "cal", "call", "call>", "</call>"]
+    merges = [("x", "<"), ("<", "/"), ("c", "a"), ("ca", "l"), ("cal", "l"), ("call", ">"), ("</", "call>")]
+    tokenizer = Tokenizer(bpe_models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges))
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def test_a_stop_string_is_found_in_the_text_whatever_its_tokens_in_context():
+    from jaxrl_llm.rollout.episodes import _stop_string_end, _stop_table
+
+    tokenizer = call_tokenizer()
+    alone = tokenizer.encode("</call>").ids
+    in_context = tokenizer.encode("x</call>yy").ids
+    assert len(alone) == 1 and alone[0] not in in_context  # the risk: its ids alone never come
+    decode = tokenizer.decode
+    assert decode(in_context) == "x</call>yy"
+    assert _stop_string_end(in_context, decode, ["</call>"]) == 3  # x<, /, call>
+    assert _stop_string_end(in_context, decode, ["</nope>"]) is None
+    table = _stop_table([alone])  # what a match on token ids looks for
+    assert not any(in_context[i:i + table.shape[1]] == table[0].tolist() for i in range(len(in_context)))
+
+
+class Calls:
+    """Answers every turn with 2 tokens, for 3 turns."""
+
+    def __init__(self, row):
+        self.turns = []
+
+    def step(self, text):
+        self.turns.append(text)
+        return None if len(self.turns) > 3 else [10, 11]
+
+
+def test_turns_end_where_their_text_first_holds_a_stop_string(tiny_llama, prompts):
+    """Token ids 20-57 write `</` and 58-95 `call>`: random turns write `</call>` across tokens
+    often, never as one token. Each turn is cut after the token that completes it (on the host,
+    the loop ran on): what follows it leaves the transcript and the cache, so the sampled
+    log-probabilities are still those of one forward pass over the whole transcript."""
+    _, model = tiny_llama
+
+    def decode(ids):
+        return "".join("</" if 20 <= i < 58 else "call>" if i >= 58 else f"[{i}]" for i in ids)
+
+    ids, mask = prompts
+    out = sample_episodes(model, ids, mask, [Calls(r) for r in range(6)], decode=decode,
+                          encode_observation=lambda o: o, max_turns=4, max_total_tokens=40, max_new_tokens=8,
+                          rng=jax.random.key(2), num_samples=2, temperature=1.0, eos_token_id=None,
+                          stop_strings=["</call>"], pad_token_id=0)
+    r = out.rollout
+    cut_turns = 0
+    for row, segments in enumerate(out.segments):
+        for role, start, end in segments:
+            if role == "policy":
+                text = decode(r.tokens[row, start:end].tolist())
+                assert text.count("</call>") <= 1 and ("</call>" not in text or text.endswith("</call>"))
+                cut_turns += text.endswith("</call>") and end - start < 8
+    assert cut_turns >= 3  # the test has power: several turns were cut short by the text
+    assert np.all(r.tokens[r.mask + r.observation_mask == 0] == 0)
+    np.testing.assert_allclose(full_forward_logprobs(model, r) * r.mask, r.logprobs, atol=2e-5)
