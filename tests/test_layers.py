@@ -31,7 +31,7 @@ import pytest
 PACKAGE = "jaxrl_llm"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = [
-    ("base", {"errors", "assets"}),
+    ("base", {"errors", "assets", "lowering"}),
     ("loading", {"loading"}),
     ("objectives", {"objectives"}),
     ("models", {"models"}),
