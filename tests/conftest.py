@@ -138,6 +138,41 @@ def glibc_as_it_is(monkeypatch):
     monkeypatch.setattr(host_memory, "tune_glibc_malloc", lambda: "left as it is by the tests")
 
 
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+def _max_memory_mappings() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _map_limit():
+    return _max_memory_mappings()
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs(_map_limit):
+    """Every live XLA:CPU program holds three memory mappings (code, read-only data, data), and
+    JAX's caches keep every program a test process compiled alive: a worker that runs a few
+    thousand tests reaches the kernel's limit per process (vm.max_map_count, 65530), where XLA's
+    next allocation fails ("LLVM compilation error: Cannot allocate memory") and the process
+    aborts or segfaults. After a test that leaves the process past half the limit, JAX's caches
+    are cleared: the programs are released and compiled again (from the persistent cache) when
+    called. scripts/xla_cpu_map_limit.py reproduces the abort in one process."""
+    yield
+    if _map_limit and _memory_mappings() > _map_limit // 2:
+        jax.clear_caches()
+
+
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
         shutil.rmtree(os.environ["JAXRL_LLM_TEST_CACHE"], ignore_errors=True)

@@ -146,6 +146,14 @@ def test_truncated_completions_stay_in_the_rloo_baseline(toy_config):
     assert_grads_equal(grads, ref_grads)
 
 
+def high_entropy_tokens(entropy, mask, quantile):
+    """[N, T] 0/1 the completion tokens whose entropy is at least the batch's (1 - quantile)-quantile."""
+    threshold = torch.quantile(entropy.detach()[mask > 0], 1 - quantile)
+    selected = mask * (entropy.detach() >= threshold)
+    assert 0 < selected.sum() < mask.sum()  # a real selection
+    return selected
+
+
 def test_only_the_high_entropy_tokens_carry_the_policy_gradient(toy_config):
     """`algo.entropy_quantile: 0.3` on RLOO: the policy term's gradient comes from the tokens whose
     entropy is at least the batch's 0.7-quantile (torch.quantile over the completion tokens), as
@@ -157,9 +165,7 @@ def test_only_the_high_entropy_tokens_carry_the_policy_gradient(toy_config):
     def loss(logits, ref_logits, **_):
         logp, entropy = logprobs_and_entropy(logits, batch.tokens)
         ref_logp, _ = logprobs_and_entropy(ref_logits, batch.tokens)
-        threshold = torch.quantile(entropy.detach()[mask > 0], 1 - quantile)
-        selected = mask * (entropy.detach() >= threshold)
-        assert 0 < selected.sum() < mask.sum()
+        selected = high_entropy_tokens(entropy, mask, quantile)
         rewards = scores - KL_COEF * ((logp.detach() - ref_logp) * mask).sum(-1)
         advantages = ref.rloo_advantages(rewards, K).detach()
         return (-(advantages * (logp * selected).sum(-1)).mean()
@@ -188,9 +194,7 @@ def test_high_entropy_tokens_restrict_grpos_surrogate_and_leave_its_kl_on_every_
     def loss(logits, ref_logits, **_):
         logp, entropy = logprobs_and_entropy(logits, batch.tokens)
         ref_logp, _ = logprobs_and_entropy(ref_logits, batch.tokens)
-        threshold = torch.quantile(entropy.detach()[mask > 0], 1 - quantile)
-        selected = mask * (entropy.detach() >= threshold)
-        assert 0 < selected.sum() < mask.sum()
+        selected = high_entropy_tokens(entropy, mask, quantile)
         surrogate_logp = torch.where(selected > 0, logp, logp.detach())
         advantages = ref.grpo_advantages(scores, K, "group", 1e-4)[:, None]
         ratio = torch.exp(surrogate_logp - logp.detach())
