@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm.errors import UserError
+from jaxrl_llm.models.slot_cache import SlotLayerKV, slot_attention
 from jaxrl_llm.lowering import by_platform
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) stays finite.
@@ -865,6 +866,10 @@ def rotary_attention(q, k, v, ctx: Context, kv, *, rope: RopeSpec, last_only: bo
     computed and cached). Returns (out [B, S or 1, H, Dh], updated (k_cache, v_cache) or None).
     """
     q_ctx = ctx
+    if isinstance(kv, SlotLayerKV):  # a decode step of the rollout engine (one token per slot)
+        q = apply_rope(q, ctx.positions, rope, max_position=ctx.max_position)
+        k = apply_rope(k, ctx.positions, rope, max_position=ctx.max_position)
+        return slot_attention(q, k, v, kv, ctx.positions, **attention_options)
     if last_only:
         q, q_ctx = q[:, -1:], ctx._replace(q_slot=ctx.q_slot[-1:], positions=ctx.positions[:, -1:])
     q = apply_rope(q, q_ctx.positions, rope, max_position=ctx.max_position)

@@ -341,6 +341,7 @@ def generate(
     cache_dtype=None,
     mesh: Mesh | None = None,
     row_offset: int = 0,
+    slots: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for each prompt.
 
@@ -371,11 +372,20 @@ def generate(
       row_offset: the global index of this call's first row, when a batch is sampled in parts:
         a part of prompts ``i:j`` (with ``row_offset = i * K``) and the same ``rng`` give exactly
         the rows ``i*K:j*K`` of the whole batch's rollout (a traced value: no recompilation).
+      slots: the rows decoding at once on one device (>= K; default all N): the others wait in a
+        queue and take a slot as soon as one frees (``jaxrl_llm.rollout.engine``). A memory knob:
+        the samples are the same for every value.
     Returns:
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
-    fn, args, temperature = _prepare_generate(locals())  # locals(): generate's arguments, by name
-    rollout = fn(*args).replace(temperature=temperature)
+    checked = check_sampling_arguments(locals())  # locals(): generate's arguments, by name
+    if checked.mesh is None:
+        rollout = _engine_generate(model, checked)
+    else:
+        fn, args = _one_loop_program(model, checked)
+        rollout = fn(*args)
+    temperature = checked.temperature
+    rollout = rollout.replace(temperature=temperature)
     if temperature > 0:  # greedy logprobs are those of the unfiltered softmax
         rollout = rollout.replace(top_k=int(top_k), top_p=float(top_p))
     return rollout
@@ -396,10 +406,37 @@ def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowe
 
 
 def _prepare_generate(arguments: dict):
-    """Check ``generate``'s arguments, given by name: (the jitted function, its arguments, the temperature)."""
+    """Check ``generate``'s arguments, given by name: (the one-loop program, its arguments, the temperature)."""
     checked = check_sampling_arguments(arguments)
-    args = (arguments["model"], checked.prompt_ids, checked.prompt_mask, checked.rng, checked.params)
-    return _compiled_generate(checked.opts, checked.mesh), args, checked.temperature
+    return (*_one_loop_program(arguments["model"], checked), checked.temperature)
+
+
+def _one_loop_program(model, checked: CheckedArguments):
+    """The one-loop sampler (prefill, then one ``while_loop`` over all rows until the longest ends):
+    the program under a mesh, and the reference the engine's samples equal."""
+    args = (model, checked.prompt_ids, checked.prompt_mask, checked.rng, checked.params)
+    return _compiled_generate(checked.opts, checked.mesh), args
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _uniforms(rng, rows, steps):
+    return row_uniforms(rng, rows, steps)
+
+
+def _engine_generate(model, checked: CheckedArguments) -> Rollout:
+    """``generate`` on one device: the rollout engine (slots, a queue, growing caches, shared prompts)."""
+    from jaxrl_llm.rollout import engine
+
+    opts, params = checked.opts, checked.params
+    k = opts.num_samples
+    prompt_ids = jnp.asarray(checked.prompt_ids).astype(jnp.int32)
+    prompt_mask = jnp.asarray(checked.prompt_mask).astype(jnp.int32)
+    n = prompt_ids.shape[0] * k
+    uniforms = _uniforms(checked.rng, params.row_offset + np.arange(n, dtype=np.int32), opts.max_new_tokens)
+    tokens, mask, logprobs, _ = engine.run(opts, model, prompt_ids, prompt_mask, uniforms, params,
+                                           slots=checked.slots)
+    return Rollout(tokens=tokens, mask=mask, logprobs=logprobs, prompt_ids=jnp.repeat(prompt_ids, k, axis=0),
+                   prompt_mask=jnp.repeat(prompt_mask, k, axis=0), temperature=0.0, num_samples=k)
 
 
 class CheckedArguments(NamedTuple):
@@ -410,6 +447,7 @@ class CheckedArguments(NamedTuple):
     prompt_mask: jax.Array
     rng: jax.Array
     temperature: float
+    slots: int | None = None
 
 
 def check_sampling_arguments(arguments: dict) -> CheckedArguments:
@@ -448,7 +486,10 @@ def check_sampling_arguments(arguments: dict) -> CheckedArguments:
             f"prompt_ids: got {prompt_ids.shape[0]} prompts, expected a multiple of the {mesh.size} devices "
             "of the mesh they are split over"
         )
-    return CheckedArguments(opts, params, mesh, prompt_ids, prompt_mask, _check_rng(a.rng), temperature)
+    from jaxrl_llm.rollout.engine import check_slots
+
+    slots = check_slots(getattr(a, "slots", None), opts.num_samples)
+    return CheckedArguments(opts, params, mesh, prompt_ids, prompt_mask, _check_rng(a.rng), temperature, slots)
 
 
 def _sequence_logprobs_impl(chunk_size, top_k, model, temperature, top_p, prompt_ids, prompt_mask, tokens, mask):
