@@ -7,12 +7,13 @@ preallocated nor the longest row:
   in prompt-major order; ``slots`` of them decode at once. A compiled chunk of decode steps
   (``lax.while_loop``) runs until some slots have finished and rows are waiting, then the host
   admits the next rows into the free slots (a new row's first token is sampled from its prompt's
-  prefill logits at the start of the next chunk). When the queue is empty and at most half the
-  slots are live, the live ones are gathered into half as many slots (never below
-  ``_MIN_SLOTS``): the rows a step computes stay within 2x of the live rows.
-* **Caches that grow (length buckets).** Each slot's own completion cache holds ``Lc`` tokens, a
-  power of two at least the longest live row's length, grown (and shrunk when slots are
-  compacted) between chunks: attention reads at most 2x the tokens that exist.
+  prefill logits at the start of the next chunk). Between chunks the slots are resized to the
+  live rows plus those that can be admitted now (a power of two, at least ``slot_floor``): with
+  the queue empty, or waiting for a free prompt entry, the live rows move into fewer slots, so
+  the rows a step computes stay within 2x of the live rows.
+* **Caches sized to the rows (length buckets).** Each slot's own completion cache holds ``Lc``
+  tokens, the power of two at least the longest live row's length, resized between chunks as
+  the rows grow and end: the cache a step reads is at most 2x the longest live row.
 * **Prompts stored once.** A prompt is prefilled once into a pool entry that its K samples share
   (``models.slot_cache``, cascade attention): its keys and values are stored and read once per
   prompt, not once per sample. An entry is freed when its last sample ends.
@@ -40,6 +41,10 @@ from jaxrl_llm.models.slot_cache import SlotLayerKV
 _MIN_SLOTS = 8
 # Smallest completion-cache bucket (tokens): short rollouts compile one decode program.
 _MIN_BUCKET = 32
+# Completion caches longer than this make attention most of a step (see ``slot_floor``).
+_SMALL_CACHE = 512
+# Traces of the engine's programs (tests check that repeated calls reuse them).
+_TRACE_COUNT = 0
 
 
 class Pool(NamedTuple):
@@ -58,8 +63,8 @@ class Slots(NamedTuple):
     """The decoding state, one entry per slot. row -1 marks a free slot; t is the number of tokens the
     slot's row has produced; last its last token (the next one fed)."""
 
-    own_k: tuple  # per layer [S, K, Lc, Dh]
-    own_v: tuple
+    own_k: tuple  # per layer [S, K, Dh, Lc] (transposed: see ``models.slot_cache``)
+    own_v: tuple  # per layer [S, K, Lc, Dh]
     row: jax.Array
     entry: jax.Array
     member: jax.Array
@@ -81,9 +86,16 @@ def bucket(length: int, cap: int) -> int:
     return min(max(_MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length()), cap)
 
 
-def slot_count(live: int, cap: int) -> int:
-    """Slots for ``live`` rows: a power of two >= it, at least ``_MIN_SLOTS``, at most ``cap``."""
-    return min(max(_MIN_SLOTS, 1 << max(0, int(live) - 1).bit_length()), cap)
+def slot_count(live: int, cap: int, *, floor: int = 1) -> int:
+    """Slots for ``live`` rows: a power of two >= it, at least ``floor``, at most ``cap``."""
+    return min(max(floor, 1 << max(0, int(live) - 1).bit_length()), cap)
+
+
+def slot_floor(own_len: int) -> int:
+    """The fewest slots worth compacting to with completion caches of ``own_len`` tokens: below
+    ``_MIN_SLOTS`` a step's matmuls hardly get cheaper, but past ``_SMALL_CACHE`` tokens its
+    attention, which reads every slot's cache, is most of the step: compact down to one slot."""
+    return _MIN_SLOTS if own_len <= _SMALL_CACHE else 1
 
 
 def pool_entries(slots: int, num_samples: int, num_prompts: int) -> int:
@@ -105,9 +117,10 @@ def _empty_pool(model, entries: int, prompt_len: int, dtype) -> Pool:
 
 def _empty_slots(model, slots: int, own_len: int, dtype) -> Slots:
     shape = (slots, model.num_kv_heads, own_len, model.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(model.num_layers))  # noqa: E731
+    k_shape = (slots, model.num_kv_heads, model.head_dim, own_len)
+    zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(model.num_layers))  # noqa: E731
     minus = jnp.full((slots,), -1, jnp.int32)
-    return Slots(zeros(), zeros(), minus, jnp.zeros_like(minus), jnp.zeros_like(minus), jnp.zeros_like(minus),
+    return Slots(zeros(k_shape), zeros(shape), minus, jnp.zeros_like(minus), jnp.zeros_like(minus), jnp.zeros_like(minus),
                  jnp.zeros_like(minus), jnp.ones((slots,), bool))
 
 
@@ -127,10 +140,12 @@ def _prefill_impl(model, pool: Pool, prompt_ids, prompt_mask, entries):
 def _decode_impl(opts, model, pool: Pool, slots: Slots, out: Outputs, uniforms, params, admit, members, stop_free):
     """Admit rows into slots, then decode until ``stop_free`` slots are free, the completion cache is
     full, or every row is done. ``admit`` = (row, entry, member) [S] each, row -1 where none."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
     from jaxrl_llm.rollout.sampler import _is_eos, _sample_step  # the one-loop sampler's own steps
 
     steps = opts.max_new_tokens
-    n_slots, own_len = slots.row.shape[0], slots.own_k[0].shape[2]
+    n_slots, own_len = slots.row.shape[0], slots.own_v[0].shape[2]
     n_rows = out.length.shape[0]
     admit_row, admit_entry, admit_member = admit
 
@@ -181,8 +196,8 @@ def _decode_impl(opts, model, pool: Pool, slots: Slots, out: Outputs, uniforms, 
                                last=jnp.where(live, token, slots.last), done=done)
         return step + 1, slots, out
 
-    _, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out))
-    return slots, out
+    steps_run, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out))
+    return slots, out, steps_run
 
 
 def _resize_impl(own_len: int, slots: Slots, keep):
@@ -190,11 +205,13 @@ def _resize_impl(own_len: int, slots: Slots, keep):
     src = jnp.maximum(keep, 0)
     empty = keep < 0
 
-    def cache(x):
-        x = x[src][:, :, :own_len]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, own_len - x.shape[2]), (0, 0)))
+    def cache(x, axis):  # the kept slots, the length axis cut or zero-padded to own_len
+        x = jax.lax.slice_in_dim(x[src], 0, min(own_len, x.shape[axis]), axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, own_len - x.shape[axis])
+        return jnp.pad(x, pad)
 
-    return Slots(tuple(map(cache, slots.own_k)), tuple(map(cache, slots.own_v)),
+    return Slots(tuple(cache(x, 3) for x in slots.own_k), tuple(cache(x, 2) for x in slots.own_v),
                  jnp.where(empty, -1, slots.row[src]), slots.entry[src], slots.member[src], slots.t[src],
                  slots.last[src], jnp.where(empty, True, slots.done[src]))
 
@@ -212,13 +229,16 @@ def _programs(opts):
 
 
 class Schedule(NamedTuple):
-    """What one decode chunk ran: its slots, completion-cache length, live rows and their longest length
-    at its start (``Engine.schedule`` lists them; tests check the work follows the live rows)."""
+    """What one decode chunk ran: its slots, completion-cache length and prompt-pool entries, the live
+    rows and the longest of their lengths at its start, and its decode steps (``run`` lists them;
+    tests check that the work follows the live rows)."""
 
     slots: int
     own_length: int
+    pool_entries: int
     live_rows: int
     longest_row: int
+    steps: int
 
 
 def run(opts, model, prompt_ids, prompt_mask, uniforms, params, *, slots: int | None):
@@ -240,16 +260,25 @@ def run(opts, model, prompt_ids, prompt_mask, uniforms, params, *, slots: int | 
                   jnp.zeros((n_rows,), jnp.int32))
     prompt_ids_host, prompt_mask_host = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
 
-    # Host mirrors of the small bookkeeping.
+    # Host mirrors of the small bookkeeping: each slot's row (-1: free), entry and tokens so far;
+    # each pool entry's prompt (-1: free), the slots of its samples and how many have not ended.
     slot_row = np.full(max_slots, -1, np.int64)
     slot_entry = np.zeros(max_slots, np.int64)
+    slot_t = np.zeros(max_slots, np.int64)
     members = np.full((n_entries, k), -1, np.int32)
     entry_prompt = np.full(n_entries, -1, np.int64)
     entry_left = np.zeros(n_entries, np.int64)
     prompt_entry: dict[int, int] = {}
     next_row = 0
     schedule: list[Schedule] = []
-    slot_t = np.zeros(max_slots, np.int64)
+
+    def admissible() -> int:
+        """Queued rows that could take a slot now: the rest of the prompt in admission (it holds an
+        entry) and K rows for each free entry."""
+        if next_row >= n_rows:
+            return 0
+        started = k - next_row % k if next_row // k in prompt_entry else 0
+        return min(n_rows - next_row, started + k * int((entry_prompt < 0).sum()))
 
     while True:
         n_slots = len(slot_row)
@@ -280,22 +309,23 @@ def run(opts, model, prompt_ids, prompt_mask, uniforms, params, *, slots: int | 
             entries = np.array(new_entries + [n_entries] * pad, np.int32)
             pool = prefill(model, pool, prompt_ids_host[rows], prompt_mask_host[rows], entries)
         live = slot_row >= 0
-        if not live.any():
+        if not live.any():  # nothing decoding, so every entry is free: the queue is empty too
             break
         free = int((~live).sum())
-        # Stop for a refill once an eighth of the slots (at least one) is free; with the queue
-        # empty, once half the slots are free (then the live rows move into fewer slots).
+        # Stop for the host once an eighth of the slots (at least one) is free while rows could
+        # take them; else once half the slots are free (the live rows then move into fewer slots).
+        own_len = state.own_v[0].shape[2]
         if next_row < n_rows:
             stop_free = free + max(1, n_slots // 8)
         else:
-            stop_free = n_slots - n_slots // 2 if n_slots > _MIN_SLOTS else n_slots + 1
-        schedule.append(Schedule(n_slots, state.own_k[0].shape[2], int(live.sum()), int(slot_t[live].max())))
-        state, out = decode(model, pool, state, out, uniforms, params, tuple(map(jnp.asarray, admit)),
-                            jnp.asarray(members), np.int32(stop_free))
-        row, t, done = jax.device_get((state.row, state.t, state.done))
+            stop_free = n_slots - n_slots // 2 if n_slots > slot_floor(own_len) else n_slots + 1
+        chunk = (n_slots, own_len, n_entries, int(live.sum()), int(slot_t[live].max()))
+        state, out, steps_run = decode(model, pool, state, out, uniforms, params, tuple(map(jnp.asarray, admit)),
+                                       jnp.asarray(members), np.int32(stop_free))
+        t, done, steps_run = jax.device_get((state.t, state.done, steps_run))
+        schedule.append(Schedule(*chunk, int(steps_run)))
         slot_t = np.asarray(t, np.int64)
-        finished = (slot_row >= 0) & np.asarray(done)
-        for s in np.flatnonzero(finished):
+        for s in np.flatnonzero((slot_row >= 0) & np.asarray(done)):  # retire the rows that ended
             e = int(slot_entry[s])
             members[e, slot_row[s] % k] = -1
             entry_left[e] -= 1
@@ -306,25 +336,23 @@ def run(opts, model, prompt_ids, prompt_mask, uniforms, params, *, slots: int | 
         live = slot_row >= 0
         if not live.any() and next_row >= n_rows:
             break
-        # Resize: the cache to room for the longest live row (a power of two: at most 2x its
-        # length), and, with the queue empty, the slots to the live rows (at most 2x them).
-        longest = int(slot_t[live].max(initial=1))
-        current = state.own_k[0].shape[2]
-        n_new = slot_count(int(live.sum()), max_slots) if next_row >= n_rows else n_slots
-        if longest > current or n_new != n_slots:
-            own_len = bucket(longest, own_cap) if n_new != n_slots else max(current, bucket(longest, own_cap))
+        # Resize to the work that exists: the cache to the longest live row (a power of two, at
+        # most 2x its length), the slots to the live rows and those that can be admitted now.
+        new_len = bucket(int(slot_t[live].max(initial=1)), own_cap)
+        n_new = slot_count(int(live.sum()) + admissible(), max_slots, floor=slot_floor(new_len))
+        if new_len != own_len or n_new != n_slots:
             keep = np.full(n_new, -1, np.int32)
-            if n_new != n_slots:
+            if n_new < n_slots:  # the live slots, packed to the front
                 keep[:live.sum()] = np.flatnonzero(live)
-            else:
-                keep[:] = np.arange(n_slots)
-            state = resize(own_len, state, jnp.asarray(keep))
+            else:  # every slot where it is, new ones free
+                keep[:n_slots] = np.arange(n_slots)
+            state = resize(new_len, state, jnp.asarray(keep))
             remap = np.full(n_slots, -1, np.int32)
             remap[keep[keep >= 0]] = np.flatnonzero(keep >= 0)
             members = np.where(members >= 0, remap[np.maximum(members, 0)], -1).astype(np.int32)
             src = np.maximum(keep, 0)
             slot_row = np.where(keep >= 0, slot_row[src], -1)
-            slot_entry, slot_t = slot_entry[src], slot_t[src]
+            slot_entry, slot_t = slot_entry[src], np.where(keep >= 0, slot_t[src], 0)
 
     mask = (jnp.arange(steps)[None, :] < out.length[:, None]).astype(jnp.int32)
     return out.tokens, mask, out.logprobs, schedule

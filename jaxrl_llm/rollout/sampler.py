@@ -379,8 +379,10 @@ def generate(
       A ``Rollout`` with N = B*K rows (see its docstring for the fields), split over ``mesh`` by rows.
     """
     checked = check_sampling_arguments(locals())  # locals(): generate's arguments, by name
-    if checked.mesh is None:
-        rollout = _engine_generate(model, checked)
+    # The engine's scheduler runs on the host between compiled chunks: it needs concrete arrays,
+    # so inside a caller's jit (traced prompts) the one-loop program runs instead.
+    if checked.mesh is None and not isinstance(checked.prompt_ids, jax.core.Tracer):
+        rollout, _ = _engine_generate(model, checked)
     else:
         fn, args = _one_loop_program(model, checked)
         rollout = fn(*args)
@@ -392,7 +394,9 @@ def generate(
 
 
 def lower_generate(model, prompt_ids, prompt_mask, **options) -> jax.stages.Lowered:
-    """The XLA program ``generate`` runs for these arguments, lowered but not run.
+    """The one-loop XLA program for these arguments, lowered but not run: the program ``generate``
+    runs under a mesh or inside a caller's ``jit`` (on one device it runs the engine's programs,
+    ``jaxrl_llm.rollout.engine``, whose samples equal this program's).
 
     Takes exactly ``generate``'s arguments (``options``: its keyword arguments) and checks them the
     same way. Use it to read the program (``.as_text()``, or ``.compile().as_text()`` for the
@@ -423,8 +427,10 @@ def _uniforms(rng, rows, steps):
     return row_uniforms(rng, rows, steps)
 
 
-def _engine_generate(model, checked: CheckedArguments) -> Rollout:
-    """``generate`` on one device: the rollout engine (slots, a queue, growing caches, shared prompts)."""
+def _engine_generate(model, checked: CheckedArguments, uniforms=None):
+    """``generate`` on one device: the rollout engine (slots, a queue, growing caches, shared prompts).
+
+    Returns (the ``Rollout``, the engine's list of ``engine.Schedule`` chunks)."""
     from jaxrl_llm.rollout import engine
 
     opts, params = checked.opts, checked.params
@@ -432,11 +438,38 @@ def _engine_generate(model, checked: CheckedArguments) -> Rollout:
     prompt_ids = jnp.asarray(checked.prompt_ids).astype(jnp.int32)
     prompt_mask = jnp.asarray(checked.prompt_mask).astype(jnp.int32)
     n = prompt_ids.shape[0] * k
-    uniforms = _uniforms(checked.rng, params.row_offset + np.arange(n, dtype=np.int32), opts.max_new_tokens)
-    tokens, mask, logprobs, _ = engine.run(opts, model, prompt_ids, prompt_mask, uniforms, params,
-                                           slots=checked.slots)
-    return Rollout(tokens=tokens, mask=mask, logprobs=logprobs, prompt_ids=jnp.repeat(prompt_ids, k, axis=0),
-                   prompt_mask=jnp.repeat(prompt_mask, k, axis=0), temperature=0.0, num_samples=k)
+    if uniforms is None:
+        uniforms = _uniforms(checked.rng, params.row_offset + np.arange(n, dtype=np.int32), opts.max_new_tokens)
+    tokens, mask, logprobs, schedule = engine.run(opts, model, prompt_ids, prompt_mask, uniforms, params,
+                                                  slots=checked.slots)
+    rollout = Rollout(tokens=tokens, mask=mask, logprobs=logprobs, prompt_ids=jnp.repeat(prompt_ids, k, axis=0),
+                      prompt_mask=jnp.repeat(prompt_mask, k, axis=0), temperature=checked.temperature,
+                      num_samples=k)
+    return rollout, schedule
+
+
+def generate_with_schedule(model, prompt_ids, prompt_mask, *, uniforms=None, **options):
+    """``generate`` on one device through the engine, with what its decode chunks ran.
+
+    Takes ``generate``'s arguments (no ``mesh``), and optionally ``uniforms`` [T, N] in [0, 1) to use
+    instead of the rows' draws from ``rng`` (a benchmark imposes lengths this way). Returns
+    (``Rollout``, list of ``engine.Schedule``: per chunk its slots, cache length, live rows, steps).
+    """
+    arguments = inspect.signature(generate).bind(model, prompt_ids, prompt_mask, **options)
+    arguments.apply_defaults()
+    checked = check_sampling_arguments(arguments.arguments)
+    if checked.mesh is not None:
+        raise UserError("mesh: got a mesh, expected None: the engine's schedule is one device's")
+    n, steps = checked.prompt_ids.shape[0] * checked.opts.num_samples, checked.opts.max_new_tokens
+    if uniforms is not None:
+        uniforms = jnp.asarray(uniforms, jnp.float32)
+        if uniforms.shape != (steps, n):
+            raise UserError(f"uniforms: got shape {tuple(uniforms.shape)}, expected (max_new_tokens, rows) = "
+                            f"({steps}, {n})")
+    rollout, schedule = _engine_generate(model, checked, uniforms)
+    if checked.temperature > 0:  # as ``generate``
+        rollout = rollout.replace(top_k=int(arguments.arguments["top_k"]), top_p=float(arguments.arguments["top_p"]))
+    return rollout, schedule
 
 
 class CheckedArguments(NamedTuple):

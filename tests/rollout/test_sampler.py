@@ -11,7 +11,7 @@ import torch
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxrl_llm.rollout import Rollout, filter_logits, generate, lower_generate, sequence_logprobs
-from jaxrl_llm.rollout import sampler
+from jaxrl_llm.rollout import engine, sampler
 
 T = 8
 
@@ -214,32 +214,41 @@ def test_logprobs_equal_full_forward_recomputation(tiny_llama, prompts, temperat
 # ----------------------------------------------------------------------------- determinism, layout, compile
 
 
+def traces() -> int:
+    """Traces of the sampler's programs: the one loop's and the engine's decode chunks."""
+    return sampler._TRACE_COUNT + engine._TRACE_COUNT
+
+
 def test_deterministic_for_a_fixed_rng_and_compiled_once(tiny_llama, prompts):
     _, model = tiny_llama
     ids, mask = prompts
     kwargs = dict(max_new_tokens=T, num_samples=2, temperature=0.8, eos_token_id=[1, 2])
     a = generate(model, ids, mask, rng=jax.random.key(7), **kwargs)
-    traces = sampler._TRACE_COUNT
+    traced = traces()
     b = generate(model, ids, mask, rng=jax.random.key(7), **kwargs)
     c = generate(model, ids, mask, rng=jax.random.key(8), **kwargs)
     d = generate(model, ids, mask, rng=jax.random.PRNGKey(7), **kwargs)  # legacy raw key
-    assert sampler._TRACE_COUNT == traces, "same shapes and options must reuse the compiled function"
+    assert traces() == traced, "same shapes and options must reuse the compiled function"
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(a.tokens, d.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
 
 
-def test_lower_generate_is_the_program_generate_runs(tiny_llama, prompts):
+def test_lower_generate_is_the_one_loop_program_generate_runs_inside_jit(tiny_llama, prompts):
+    """lower_generate lowers the one-loop program: generate's inside a caller's jit (and under a
+    mesh); its samples are the engine's."""
     _, model = tiny_llama
     ids, mask = prompts
     kwargs = dict(max_new_tokens=T, num_samples=2, temperature=0.8, eos_token_id=[1, 2], rng=jax.random.key(3))
     lowered = lower_generate(model, ids, mask, **kwargs)
-    traces = sampler._TRACE_COUNT
-    rollout = generate(model, ids, mask, **kwargs)
-    assert sampler._TRACE_COUNT == traces, "generate must reuse the trace lower_generate made"
     compiled = lowered.compile()
     assert " while(" in compiled.as_text(), "prefill + decode loop in one program"
+    traced = traces()
+    inside_jit = jax.jit(lambda ids, mask: generate(model, ids, mask, **kwargs).tokens)(ids, mask)
+    assert traces() == traced, "generate inside jit must reuse the trace lower_generate made"
+    rollout = generate(model, ids, mask, **kwargs)
+    np.testing.assert_array_equal(inside_jit, rollout.tokens)
     with pytest.raises(ValueError, match="max_new_tokens: got 0"):
         lower_generate(model, ids, mask, **{**kwargs, "max_new_tokens": 0})
     with pytest.raises(TypeError, match="top_q"):
@@ -275,9 +284,9 @@ def test_a_batch_sampled_in_parts_with_row_offsets_is_the_whole_batch(tiny_llama
     kwargs = dict(max_new_tokens=T, rng=jax.random.key(4), num_samples=2, temperature=1.0, eos_token_id=[3, 17])
     whole = generate(model, ids, mask, **kwargs)
     parts = [generate(model, ids[:2], mask[:2], row_offset=0, **kwargs)]
-    traces = sampler._TRACE_COUNT
+    traced = traces()
     parts += [generate(model, ids[i:i + 2], mask[i:i + 2], row_offset=2 * i, **kwargs) for i in (2, 4)]
-    assert sampler._TRACE_COUNT == traces
+    assert traces() == traced
     for name in ("tokens", "mask"):
         np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
     # XLA promises no batch-invariant rounding: a batch of 4 rows and one of 12 may reduce in
