@@ -57,19 +57,22 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: SlotLayerKV, po
                    scale: float, sliding_window: int | None = None, softcap: float | None = None):
     """One decode step: q [S, 1, H, Dh], the new k, v [S, 1, K, Dh] (RoPE applied), positions [S, 1].
 
-    Writes k, v into each slot's own cache at ``kv.write_index``, attends to [its prompt] + [its own
-    tokens so far] (the rule of ``layers.dot_product_attention``: a sliding window counts positions),
-    and returns (out [S, 1, H, Dh] in q's dtype, the updated ``SlotLayerKV``).
+    Attends to [its prompt] + [its own tokens before this one] + [this token] (the rule of
+    ``layers.dot_product_attention``: a sliding window counts positions), writes k, v into each
+    slot's own cache at ``kv.write_index``, and returns (out [S, 1, H, Dh] in q's dtype, the
+    updated ``SlotLayerKV``). The new token is a part of its own, so the cache is read before it is
+    written: its only consumer after the write is the loop's carry, and XLA updates it in place
+    (reading the written cache too makes XLA copy the whole cache every step).
     """
     slots, _, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    rows = jnp.arange(slots)
-    own_k = kv.own_k.at[rows, :, :, kv.write_index].set(k[:, 0].astype(kv.own_k.dtype), mode="drop")
-    own_v = kv.own_v.at[rows, :, kv.write_index].set(v[:, 0].astype(kv.own_v.dtype), mode="drop")
-    kv = kv._replace(own_k=own_k, own_v=own_v)
     qg = q[:, 0].reshape(slots, kv_heads, groups, head_dim)
     q_position = positions[:, 0]
+    scale = jnp.asarray(scale, q.dtype)
+    # The new key/value as the cache will hold them (its dtype), as the one-loop sampler reads them.
+    k_new = k[:, 0].astype(kv.own_k.dtype)  # [S, K, Dh]
+    v_new = v[:, 0].astype(kv.own_v.dtype)
 
     def finish(scores, allowed):  # -> (max, sum of exp, probs unnormalised) over the last axis
         scores = scores.astype(jnp.float32)
@@ -80,15 +83,20 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: SlotLayerKV, po
         weights = jnp.exp(scores - top)
         return top[..., 0], jnp.sum(weights, axis=-1), weights
 
-    # The own part: [S, K, G, Lc].
-    own_len = own_v.shape[2]
+    # The own part, the tokens before this one: [S, K, G, Lc].
+    own_len = kv.own_v.shape[2]
     j = jnp.arange(own_len)
-    own_allowed = j[None, :] <= kv.write_index[:, None]
+    own_allowed = j[None, :] < kv.write_index[:, None]
     if sliding_window is not None:  # own token j sits at position q_position - (write_index - j)
         own_allowed &= j[None, :] > kv.write_index[:, None] - sliding_window
-    own_scores = jnp.einsum("skgd,skdt->skgt", qg, own_k.astype(q.dtype)) * jnp.asarray(scale, q.dtype)
+    own_scores = jnp.einsum("skgd,skdt->skgt", qg, kv.own_k.astype(q.dtype)) * scale
     own_max, own_sum, own_w = finish(own_scores, own_allowed[:, None, None, :])
-    own_out = jnp.einsum("skgt,sktd->skgd", own_w.astype(v.dtype), own_v.astype(v.dtype)).astype(jnp.float32)
+    own_out = jnp.einsum("skgt,sktd->skgd", own_w.astype(v.dtype), kv.own_v.astype(v.dtype)).astype(jnp.float32)
+
+    # This token: [S, K, G], always allowed (weight exp(score - score) = 1).
+    self_scores = jnp.einsum("skgd,skd->skg", qg, k_new.astype(q.dtype)) * scale
+    self_max, self_sum, _ = finish(self_scores[..., None], True)
+    self_out = jnp.broadcast_to(v_new.astype(jnp.float32)[:, :, None, :], own_out.shape)
 
     # The prompt part, one read of each entry's keys for all its samples: [M, R, K, G, P].
     member_slot = jnp.maximum(kv.members, 0)
@@ -97,15 +105,24 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: SlotLayerKV, po
     if sliding_window is not None:
         qm_position = q_position[member_slot]  # [M, R]
         pool_allowed = pool_allowed & (kv.pool_positions[:, None, :] > qm_position[:, :, None] - sliding_window)
-    pool_scores = jnp.einsum("mrkgd,mkpd->mrkgp", qm, kv.pool_k.astype(q.dtype)) * jnp.asarray(scale, q.dtype)
+    pool_scores = jnp.einsum("mrkgd,mkpd->mrkgp", qm, kv.pool_k.astype(q.dtype)) * scale
     pool_max, pool_sum, pool_w = finish(pool_scores, pool_allowed[:, :, None, None, :])
     pool_out = jnp.einsum("mrkgp,mkpd->mrkgd", pool_w.astype(v.dtype), kv.pool_v.astype(v.dtype)).astype(jnp.float32)
     # Back to slots (small arrays: [S, K, G] and [S, K, G, Dh]).
     take = lambda x: x[kv.slot_entry, kv.slot_member]  # noqa: E731
     pool_max, pool_sum, pool_out = take(pool_max), take(pool_sum), take(pool_out)
 
-    top = jnp.maximum(own_max, pool_max)
-    a_own, a_pool = jnp.exp(own_max - top), jnp.exp(pool_max - top)
-    total = own_sum * a_own + pool_sum * a_pool
-    out = (own_out * a_own[..., None] + pool_out * a_pool[..., None]) / total[..., None]
-    return out.reshape(slots, 1, heads, head_dim).astype(q.dtype), kv
+    parts = ((own_max, own_sum, own_out), (self_max, self_sum, self_out), (pool_max, pool_sum, pool_out))
+    top = jnp.maximum(jnp.maximum(own_max, self_max), pool_max)
+    total = sum(part_sum * jnp.exp(part_max - top) for part_max, part_sum, _ in parts)
+    out = sum(part_out * jnp.exp(part_max - top)[..., None] for part_max, _, part_out in parts) / total[..., None]
+
+    # Write the new token (a free slot, write_index = Lc, writes its own last index instead:
+    # nothing reads a free slot, and a row admitted later masks it until it overwrites it).
+    # The barrier orders the write after the reads above; else XLA may schedule it first and copy
+    # the cache to keep the old one for them.
+    out, own_k, own_v = jax.lax.optimization_barrier((out, kv.own_k, kv.own_v))
+    rows, index = jnp.arange(slots), jnp.minimum(kv.write_index, own_len - 1)
+    own_k = own_k.at[rows, :, :, index].set(k_new, mode="promise_in_bounds")
+    own_v = own_v.at[rows, :, index].set(v_new, mode="promise_in_bounds")
+    return out.reshape(slots, 1, heads, head_dim).astype(q.dtype), kv._replace(own_k=own_k, own_v=own_v)
