@@ -12,6 +12,10 @@ Markdown file, rewritten after every stage:
    log-softmax, time and working memory.
 2. `sampler`: our KV-cache sampler against transformers `generate`, Qwen2.5-0.5B's shape, 64
    prompts x 256 new tokens, in bfloat16 and float32.
+   `engine`: the rollout engine at RL lengths, bfloat16, the 0.5B shape: (a) nano-vllm's
+   `bench.py` workload (256 sequences, prompt and output lengths uniform in [100, 1024], EOS
+   ignored, temperature 0.6; output tokens/s, against vLLM 0.10.2's 17,711 tok/s on an A800) and
+   (b) RL's shape, 64 prompts x 8 samples, lognormal lengths up to 4096, against `generate`.
 3. `update`: one RLOO update of the 0.5B shape (128 sequences of 256 + 256 tokens, bfloat16
    compute over float32 masters): tokens/s and MFU under each remat policy, with XLA's memory.
 4. `trl_ours`, `trl`: one full RLOO step (sample, reward, reference, update), our `Trainer` and
@@ -47,15 +51,19 @@ QWEN = ROOT / "benchmarks" / "model_configs" / "qwen2.5-0.5b"
 # Dense bfloat16 tensor-core peak (no sparsity), FLOP/s, by `device_kind` substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 # Seconds per stage (the whole suite stays within 8 minutes on one H200); pytest gets what is left.
-BUDGET = {"objectives": 100, "sampler": 65, "update": 90, "trl_ours": 80, "trl": 50, "pytest": 95}
+BUDGET = {"objectives": 100, "sampler": 65, "engine": 150, "update": 90, "trl_ours": 80, "trl": 50, "pytest": 95}
 STAGES = tuple(BUDGET)
 RESULT = "STAGE-RESULT "
 
 # The shapes of each stage: full (a GPU) and smoke (a CPU, minutes).
 SHAPES = {
     False: dict(logits=(32, 512, 151936), hidden_rows=16384, sampler=(64, 16, 256), update=(32, 4, 256, 256),
+                # engine: nano-vllm's bench.py (sequences, prompt and output lengths uniform in
+                # [lo, hi]); RL's shape (prompts, samples, prompt length, longest completion).
+                engine_serving=(256, 100, 1024), engine_rl=(64, 8, 256, 4096),
                 trl=(16, 4, 32, 128), trl_steps=(2, 3), repeats=7),
     True: dict(logits=(4, 16, 1000), hidden_rows=64, sampler=(4, 8, 8), update=(2, 2, 8, 8), trl=(2, 2, 8, 8),
+               engine_serving=(8, 4, 24), engine_rl=(2, 4, 8, 48),
                trl_steps=(1, 1), repeats=2),
 }
 
@@ -437,6 +445,119 @@ def stage_sampler(smoke: bool, workdir: Path) -> dict:
     return {"rows": rows, "shape": dict(prompts=prompts, prompt_len=prompt_len, new=new)}
 
 
+# -- 2b. the rollout engine at RL lengths -----------------------------------------------------------
+
+
+def imposed_lengths_uniforms(lengths, steps: int, seed: int):
+    """[T, N] uniforms under which row r of a near-uniform model ends (token 0 as EOS) after exactly
+    lengths[r] tokens (``benchmarks/rollout_lengths.py`` explains the construction)."""
+    import numpy as np
+
+    u = np.random.default_rng(seed).random((steps, len(lengths)), dtype=np.float32) * np.float32(0.98)
+    ends = lengths < steps
+    u[lengths[ends] - 1, np.flatnonzero(ends)] = np.float32(1.0) - np.float32(2.0 ** -24)
+    return u
+
+
+def stage_engine(smoke: bool, workdir: Path) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+
+    from jaxrl_llm import models
+    from jaxrl_llm.rollout.sampler import generate_with_schedule
+
+    path = random_model_dir(workdir, smoke)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab = qwen_config(smoke)["vocab_size"]
+    ours = models.from_pretrained(path, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    result = {"rows": []}
+
+    def ours_run(ids, mask, lengths, steps, samples, temperature):
+        uniforms = imposed_lengths_uniforms(lengths, steps, seed=1)
+
+        def call():
+            out, schedule = generate_with_schedule(ours, ids, mask, max_new_tokens=steps, rng=jax.random.key(0),
+                                                   num_samples=samples, temperature=temperature, eos_token_id=0,
+                                                   cache_dtype=jnp.bfloat16, uniforms=uniforms)
+            produced = np.asarray(out.mask).sum(axis=1)
+            assert np.array_equal(produced, lengths), "a row did not end at its imposed length"
+            return schedule
+
+        say("engine: compiling (a first call)")
+        chunks = len(call())
+        return median_ms(call, warmup=0, repeats=2), chunks
+
+    # (a) nano-vllm's bench.py: each sequence's own prompt and output length, EOS ignored.
+    count, lo, hi = SHAPES[smoke]["engine_serving"]
+    prompt_lens = rng.integers(lo, hi + 1, count)
+    out_lens = rng.integers(lo, hi + 1, count).astype(np.int64)
+    ids = np.zeros((count, hi), np.int32)
+    mask = np.zeros((count, hi), np.int32)
+    for r, n in enumerate(prompt_lens):  # left-padded to the longest prompt
+        ids[r, hi - n:] = rng.integers(3, vocab, n)
+        mask[r, hi - n:] = 1
+    ms, chunks = ours_run(ids, mask, out_lens, hi, 1, 0.6)
+    result["rows"].append(dict(workload="serving", side="ours", ms=ms, tokens=int(out_lens.sum()), chunks=chunks))
+    say(f"engine (a): {out_lens.sum() / ms * 1e3:,.0f} output tok/s")
+    emit(result)
+
+    # (b) RL: prompts x samples, lognormal lengths (median max / 6.4), against transformers.
+    prompts, samples, prompt_len, longest = SHAPES[smoke]["engine_rl"]
+    n = prompts * samples
+    lengths = np.clip(np.round(np.exp(rng.normal(np.log(longest / 6.4), 1.0, n))), 1, longest).astype(np.int64)
+    ids = rng.integers(3, vocab, (prompts, prompt_len)).astype(np.int32)
+    mask = np.ones_like(ids)
+    ms, chunks = ours_run(ids, mask, lengths, longest, samples, 1.0)
+    result["rows"].append(dict(workload="rl", side="ours", ms=ms, tokens=int(lengths.sum()), chunks=chunks))
+    say(f"engine (b): ours {lengths.sum() / ms * 1e3:,.0f} tok/s")
+    emit(result)
+    del ours
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    hf.generation_config.eos_token_id = None
+
+    class ImposedLengths(transformers.LogitsProcessor):
+        """Row r emits token 0 (its EOS) at its imposed length and never before: transformers then
+        produces exactly the rows the engine produced, and stops when the longest is done."""
+
+        def __init__(self):
+            self.target = torch.tensor(lengths, device=device)
+
+        def __call__(self, input_ids, scores):
+            t = input_ids.shape[1] - prompt_len  # tokens produced so far
+            end = (self.target == t + 1)[:, None]
+            banned = torch.full_like(scores, float("-inf"))
+            eos_only = banned.clone()
+            eos_only[:, 0] = 0.0
+            scores = scores.clone()
+            scores[:, 0] = float("-inf")
+            return torch.where(end, eos_only, scores)
+
+    t_ids = torch.tensor(np.repeat(ids, samples, axis=0), dtype=torch.long, device=device)
+    t_mask = torch.ones_like(t_ids)
+
+    def hf_call():
+        with torch.no_grad():
+            out = hf.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=longest, eos_token_id=0, pad_token_id=0,
+                              logits_processor=transformers.LogitsProcessorList([ImposedLengths()]))
+        sync()
+        produced = ((out[:, prompt_len:] != 0).cumprod(dim=1).sum(dim=1) + 1).clamp(max=longest)
+        return out, produced
+
+    _, produced = hf_call()
+    assert np.array_equal(produced.cpu().numpy(), lengths), "transformers did not stop at the imposed lengths"
+    hf_ms = median_ms(hf_call, warmup=0, repeats=1)
+    result["rows"].append(dict(workload="rl", side="transformers", ms=hf_ms, tokens=int(lengths.sum())))
+    say(f"engine (b): transformers {lengths.sum() / hf_ms * 1e3:,.0f} tok/s")
+    result["shapes"] = dict(serving=SHAPES[smoke]["engine_serving"], rl=SHAPES[smoke]["engine_rl"],
+                            rl_median=int(np.median(lengths)), rl_longest=int(lengths.max()))
+    return emit(result)
+
+
 # -- 3. the update: tokens/s and MFU per remat policy ------------------------------------------------
 
 
@@ -692,7 +813,8 @@ def render(results: dict, args, environment: dict) -> str:
         if name not in results:
             continue
         r = results[name]
-        header = {"objectives": "1. Objectives", "sampler": "2. Sampler", "update": "3. Update (RLOO, 0.5B shape)",
+        header = {"objectives": "1. Objectives", "sampler": "2. Sampler", "engine": "2b. Rollout engine at RL lengths",
+                  "update": "3. Update (RLOO, 0.5B shape)",
                   "trl_ours": None, "trl": "4. One full RLOO step against TRL", "pytest": "5. Tests on the GPU"}[name]
         if header is None:
             continue
@@ -703,7 +825,8 @@ def render(results: dict, args, environment: dict) -> str:
         if not r.get("ok") and name != "pytest":
             lines += [f"Not measured: {r.get('why')} ({r.get('seconds', 0):.0f} s).", ""]
             continue
-        lines += {"objectives": render_objectives, "sampler": render_sampler, "update": render_update,
+        lines += {"objectives": render_objectives, "sampler": render_sampler, "engine": render_engine,
+                  "update": render_update,
                   "pytest": render_pytest}[name](r, args)
         if r.get("partial"):
             lines += [f"(Stage stopped early: {r['why']}; the rows above are what it measured.)", ""]
@@ -741,6 +864,24 @@ def render_sampler(r, args) -> list[str]:
                    f"**{row['ours_tps'] / row['hf_tps']:.1f}x** |")
     return out + ["", "Published anchor, a different workload: vLLM 0.10.2 serves Qwen2.5-0.5B at 17.7k tok/s "
                   "(256 sequences, A800)."]
+
+
+def render_engine(r, args) -> list[str]:
+    out = ["bfloat16, random Qwen2.5-0.5B-shaped weights, `generate_with_schedule` (the engine `generate` runs) "
+           "after a first call that compiles its programs; row lengths imposed through the uniforms "
+           "(`benchmarks/rollout_lengths.py`). (a) nano-vllm's `bench.py` workload: sequences with prompt and output "
+           "lengths uniform in [lo, hi], EOS ignored, temperature 0.6, output tokens counted; vLLM 0.10.2 reached "
+           "17,711 tok/s on one A800 (a different card). (b) RL: prompts x samples sharing each prompt, "
+           "lognormal completion lengths; transformers `generate` produces the same lengths (a logits processor "
+           "emits EOS at each row's length).", "",
+           "| workload | side | time (s) | output tokens | tok/s |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['workload']} | {row['side']} | {row['ms'] / 1e3:.2f} | {row['tokens']:,} | "
+                   f"{row['tokens'] / row['ms'] * 1e3:,.0f} |")
+    rl = {row["side"]: row for row in r["rows"] if row["workload"] == "rl"}
+    if "ours" in rl and "transformers" in rl:
+        out += ["", f"RL shape: the engine is **{rl['transformers']['ms'] / rl['ours']['ms']:.1f}x** `generate`."]
+    return out + [""]
 
 
 def render_update(r, args) -> list[str]:

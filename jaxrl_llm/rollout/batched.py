@@ -29,11 +29,12 @@ def prompt_parts(rows, *, num_samples: int, micro_batch_size: int | None, prompt
 
 def sample_rows(policy, rows, key, *, mesh, num_samples: int, temperature: float, max_new_tokens: int,
                 micro_batch_size: int | None, top_k: int, top_p: float, prompt_limit: int | None, pad_token_id: int,
-                eos_ids, cache_dtype=None):
+                eos_ids, cache_dtype=None, slots: int | None = None):
     """K completions of each prompt (token rows), `micro_batch_size` sequences at a time (None:
     all at once). Each completion's randomness is keyed by its row in the whole batch
     (`row_offset`), so the micro-batch size changes memory, never the completions. `top_k` and
-    `top_p` apply only when sampling (`temperature` > 0)."""
+    `top_p` apply only when sampling (`temperature` > 0); `slots`: the rollout engine's rows decoding
+    at once on one device (None: every row of a call)."""
     parts = []
     for start, *part in prompt_parts(rows, num_samples=num_samples, micro_batch_size=micro_batch_size,
                                      prompt_limit=prompt_limit, pad_token_id=pad_token_id):
@@ -49,7 +50,8 @@ def sample_rows(policy, rows, key, *, mesh, num_samples: int, temperature: float
             policy, *part, max_new_tokens=max_new_tokens, rng=key, row_offset=start * num_samples,
             num_samples=num_samples, temperature=temperature, top_k=top_k if temperature else 0,
             top_p=top_p if temperature else 1.0, eos_token_id=sorted(eos_ids),
-            pad_token_id=pad_token_id, cache_dtype=cache_dtype)
+            pad_token_id=pad_token_id, cache_dtype=cache_dtype,
+            slots=slots)
         # On the host, as numpy: with several processes, each one's rows gathered to all.
         parts.append(jax.tree.map(lambda x: distributed.to_host(x)[:count * num_samples], out))
     if len(parts) == 1:

@@ -197,6 +197,11 @@ class RolloutConfig:
     # Sequences the sampler generates at once (a multiple of algo.num_samples); None: all of a step's.
     # A memory knob: each completion draws from a key of its row, so any size samples the same.
     micro_batch_size: int | None = None
+    # Rows (prompt, sample) each device decodes at once in the rollout engine (rollout/engine.py):
+    # the others wait in a queue and take a slot as soon as a row ends. At least algo.num_samples
+    # (a multiple of it keeps whole prompt groups in flight); None: every row of a call at once.
+    # A memory knob like micro_batch_size: the completions are the same for every value.
+    slots: int | None = None
     # Multi-turn episodes (rollout/episodes.py): the policy's turns interleaved with an
     # environment's observations, trained on the policy's tokens only. 1 with no environment and
     # no tools: one completion per prompt (max_new_tokens), exactly as without these keys.
@@ -473,6 +478,9 @@ def validate(config: Config) -> Config:
     if r.micro_batch_size is not None and (r.micro_batch_size < 1 or r.micro_batch_size % a.num_samples):
         raise UserError(f"`rollout.micro_batch_size`: got {r.micro_batch_size}, expected a multiple of "
                          f"algo.num_samples={a.num_samples} (the sampler generates whole prompt groups).")
+    if r.slots is not None and (isinstance(r.slots, bool) or not isinstance(r.slots, int) or r.slots < a.num_samples):
+        raise UserError(f"`rollout.slots`: got {r.slots!r}, expected an integer >= algo.num_samples={a.num_samples} "
+                        "(the rows decoding at once hold at least one prompt's samples), or null for all of them.")
     _check_remat(config.model.remat)
     if config.model.lora is not None:
         config.model.lora_spec()  # rank, alpha, dropout and target names

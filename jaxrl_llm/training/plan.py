@@ -240,13 +240,17 @@ def _per_device_bytes(x) -> int:
 
 
 def _generate_program(c: Config, graphdef, state, mesh):
-    """`(jitted sampler, its abstract arguments)` for one call (`rollout.micro_batch_size` sequences, or all)."""
+    """`(jitted sampler, its abstract arguments)` for one call (`rollout.micro_batch_size` sequences, or all):
+    on one device the rollout engine's decode chunk at the largest shapes it reaches, on several
+    the one-loop sampler each device runs on its rows."""
     r, k = c.rollout, c.algo.num_samples
     sequences = r.micro_batch_size or r.prompts_per_step * k
     prompts = max(sequences // k, 1)
     hf_config = _hf_config(c)
     eos = hf_config.eos_token_id if hf_config.eos_token_id is not None else 0
     dtype = compute_dtype(c)
+    if mesh.size == 1:
+        return _engine_decode_program(c, graphdef, state, prompts, eos, dtype)
     # As the trainer: prompts split over every device (each samples its own rows) when they divide.
     split_rows = prompts % mesh.size == 0
     split = parallel.batch_sharding(mesh) if split_rows else parallel.replicated(mesh)
@@ -263,6 +267,38 @@ def _generate_program(c: Config, graphdef, state, mesh):
     return jax.jit(sample), state.params["policy"], state.base_params, ids, ids, key
 
 
+def _engine_decode_program(c: Config, graphdef, state, prompts: int, eos: int, dtype):
+    """The engine's decode chunk (``rollout/engine.py``) at its largest shapes: ``rollout.slots``
+    slots (all of a call's rows by default) with completion caches of ``max_new_tokens - 1``
+    tokens, and the prompt pool its slots share (each prompt's keys and values once, not K times)."""
+    from jaxrl_llm.rollout import engine, sampler
+
+    r, k = c.rollout, c.algo.num_samples
+    rows, steps = prompts * k, r.max_new_tokens
+    slots = min(r.slots or rows, rows)
+    entries = engine.pool_entries(slots, k, prompts)
+    policy = nnx.eval_shape(lambda: nnx.merge(graphdef, state.params["policy"],
+                                              *([] if state.base_params is None else [state.base_params])))
+    arguments = dict(model=policy, prompt_ids=np.zeros((1, 1), np.int32), prompt_mask=np.ones((1, 1), np.int32),
+                     max_new_tokens=steps, rng=jax.random.key(0), num_samples=k, temperature=r.temperature,
+                     top_k=r.top_k, top_p=r.top_p, eos_token_id=eos, pad_token_id=0, cache_dtype=dtype, mesh=None,
+                     row_offset=0, slots=None)
+    checked = sampler.check_sampling_arguments(arguments)
+    spec = jax.ShapeDtypeStruct
+    pool = jax.eval_shape(lambda: engine._empty_pool(policy, entries, r.prompt_length, dtype))
+    chunk = jax.eval_shape(lambda: engine._empty_slots(policy, slots, max(steps - 1, 1), dtype))
+    out = engine.Outputs(spec((rows, steps), jnp.int32), spec((rows, steps), jnp.float32), spec((rows,), jnp.int32))
+    per_slot = spec((slots,), jnp.int32)
+
+    def decode(params, base_params, pool, chunk, out, uniforms, admit, members):
+        model = nnx.merge(graphdef, models.cast_floating(params, dtype), *([] if base_params is None else [base_params]))
+        return engine._decode_impl(checked.opts, model, pool, chunk, out, uniforms, checked.params, admit, members,
+                                   jnp.int32(0))
+
+    return (jax.jit(decode, donate_argnums=(3, 4)), state.params["policy"], state.base_params, pool, chunk, out,
+            spec((steps, rows), jnp.float32), (per_slot,) * 3, spec((entries, k), jnp.int32))
+
+
 def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
     """The plan as a table: one row per program, bytes per device."""
     lines = [f"{result.get('platform', 'cpu')}'s kernels compiled by XLA:CPU, mesh {result['mesh']}, {result['sequences']} sequences per step "
@@ -276,6 +312,10 @@ def format_plan(result: dict, *, device_memory_gb: float | None = None) -> str:
     if device_memory_gb is not None:
         verdict = "fits" if peak <= device_memory_gb * 1e9 else "does NOT fit"
         lines.append(f"largest peak {peak / GiB:.2f} GiB: {verdict} in {device_memory_gb:g} GB per device")
+        sampler = [m for m in result["programs"] if m.name == "generate"]
+        if sampler and sampler[0].peak > device_memory_gb * 1e9:
+            lines.append("the sampler does NOT fit: lower rollout.slots (the rows each device decodes at once; "
+                         "the others wait in its queue) or rollout.micro_batch_size")
     if "remat" in result:
         lines.append("the update under each model.remat, from the least recomputation to the most:")
         fitting = None

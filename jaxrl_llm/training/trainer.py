@@ -99,6 +99,10 @@ class Trainer:
         self.num_sequences = c.rollout.prompts_per_step * c.algo.num_samples
         self.prompts_sampled_per_step = int(round(c.rollout.prompts_per_step * c.rollout.oversample))
         parallel.check_batch_divisible(self.num_sequences, self.mesh, "rollout.prompts_per_step * algo.num_samples")
+        if c.rollout.slots is not None and self.mesh.size > 1:
+            raise UserError(f"`rollout.slots`: got {c.rollout.slots}, expected null on a mesh of {self.mesh.size} "
+                            "devices: the rollout engine (and its slots) runs on one device; on a mesh each device "
+                            "samples its rows with the one-loop sampler (rollout.micro_batch_size bounds its memory).")
 
         # Model, tokenizer, task, reward.
         policy, self.tokenizer = load_policy(c)
@@ -232,7 +236,7 @@ class Trainer:
                            num_samples=num_samples, temperature=temperature, max_new_tokens=r.max_new_tokens,
                            micro_batch_size=r.micro_batch_size, top_k=r.top_k, top_p=r.top_p,
                            prompt_limit=self.prompt_limit, pad_token_id=self.tokenizer.pad_token_id,
-                           eos_ids=self.eos_ids, cache_dtype=self.compute_dtype)
+                           eos_ids=self.eos_ids, cache_dtype=self.compute_dtype, slots=r.slots)
 
     def _samples(self, examples, sampled, num_samples) -> list[Sample]:
         """The sampled completions (or episodes) as the reward terms see them, decoded."""

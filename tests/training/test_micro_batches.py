@@ -243,6 +243,29 @@ def test_the_samplers_micro_batch_size_changes_no_completion(toy_config):
         np.testing.assert_array_equal(batch.mask, batches[0].mask)
 
 
+def test_the_engines_slots_change_no_completion_and_reach_the_engine(toy_config, monkeypatch):
+    """`rollout.slots` is a memory knob too: 4 slots (one prompt's samples at a time, the rest
+    queued) or 12 give the completions of all 32 at once; the engine got the value."""
+    from jaxrl_llm.rollout import engine
+
+    seen, run = [], engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, slots, **k: seen.append(slots) or run(*a, slots=slots, **k))
+    trainer, batches = Trainer(toy_config("rollout.max_new_tokens=12", "mesh.data=1")), []  # one device: the engine
+    for slots in (None, 4, 12):
+        trainer.config.rollout.slots, trainer.data_position = slots, 0  # the same step's prompts
+        batches.append(trainer.collect()[0])
+    assert seen == [None, 4, 12]
+    lengths = np.asarray(batches[0].mask).sum(axis=1)
+    assert lengths.min() < 12, "no completion ended early: the queue and refills are not exercised"
+    for batch in batches[1:]:
+        np.testing.assert_array_equal(batch.tokens, batches[0].tokens)
+        np.testing.assert_array_equal(batch.mask, batches[0].mask)
+    with pytest.raises(ValueError, match=r"rollout.slots`: got 3, expected an integer >= algo.num_samples=4"):
+        toy_config("rollout.slots=3")
+    with pytest.raises(ValueError, match=r"rollout.slots`: got 4, expected null on a mesh of 4 devices"):
+        Trainer(toy_config("rollout.slots=4"))  # the test session's 4 devices: the one-loop sampler
+
+
 def test_grpo_with_the_batch_std_in_micro_batches(stepped_trainers):
     """`algo.grpo_scale: batch` divides by the std of the whole batch's scores: `prepare` fixes the
     advantages on the whole batch, where each micro-batch's loss would divide by its own std."""

@@ -105,3 +105,30 @@ def test_plan_refuses_an_unknown_platform(tiny_policy_dir):
     with pytest.raises(ValueError, match="--platform.*'gpu'"):
         plan(load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompt_length=8"]), devices=1,
              platform="gpu")
+
+
+def test_plan_counts_the_engines_cache_on_one_device(tiny_policy_dir):
+    """On one device the sampler is the rollout engine: its decode chunk holds `rollout.slots`
+    completion caches and one prompt cache per prompt in flight (not one per sample), and a
+    sampler that does not fit names the knob."""
+    prompt_len, steps = 64, 16
+
+    def generate_memory(*overrides):
+        config = load_config(None, [f"model.path={tiny_policy_dir}", "rollout.prompts_per_step=8",
+                                    "algo.num_samples=4", f"rollout.prompt_length={prompt_len}",
+                                    f"rollout.max_new_tokens={steps}", *overrides])
+        (memory,) = plan(config, devices=1, programs=("generate",))["programs"]
+        return memory
+
+    every_row, eight_slots = generate_memory(), generate_memory("rollout.slots=8")
+    # The tiny policy's cache: 2 layers x (K, V) x 2 KV heads x 8 dims x 4 bytes a token. 32 slots
+    # and 8 prompt entries (every row; a prompt's 4 samples share one) against 8 slots and 4
+    # entries: 24 completion caches of T - 1 tokens and 4 prompt caches fewer.
+    token_bytes = 2 * 2 * 2 * 8 * 4
+    fewer = (24 * (steps - 1) + 4 * prompt_len) * token_bytes
+    saved = every_row.arguments - eight_slots.arguments
+    assert fewer <= saved <= fewer + 4096, (saved, fewer)
+    assert eight_slots.peak < every_row.peak
+    text = format_plan({"programs": [every_row], "mesh": {"data": 1}, "sequences": 32, "update_sequences": 32,
+                        "state_bytes": 0}, device_memory_gb=every_row.peak / 2e9)
+    assert "the sampler does NOT fit: lower rollout.slots" in text
