@@ -16,12 +16,12 @@ def test_the_gpu_suite_runs_every_measuring_stage_at_tiny_shapes(tmp_path):
     out = tmp_path / "suite.md"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     done = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke", "--scale-budget", "4",
-                           "--stages", "objectives,sampler,update,trl_ours", "--out", str(out)],
+                           "--stages", "objectives,sampler,engine,update,trl_ours", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = out.read_text()
     assert "Not measured" not in text and "stopped early" not in text, text
-    for heading in ("## 1. Objectives", "## 2. Sampler", "## 3. Update"):
+    for heading in ("## 1. Objectives", "## 2. Sampler", "## 2b. Rollout engine at RL lengths", "## 3. Update"):
         assert heading in text
     # Every objective side was checked against the float32 reference before it was timed.
     assert text.count("| RLOO from logits 4x16x1000 |") >= 6

@@ -12,8 +12,9 @@ preallocated nor the longest row:
   the queue empty, or waiting for a free prompt entry, the live rows move into fewer slots, so
   the rows a step computes stay within 2x of the live rows.
 * **Caches sized to the rows (length buckets).** Each slot's own completion cache holds ``Lc``
-  tokens, the power of two at least the longest live row's length, resized between chunks as
-  the rows grow and end: the cache a step reads is at most 2x the longest live row.
+  tokens, a bucket at least the longest live row's length (powers of two, quarter octaves past
+  512), resized between chunks as the rows grow and end: the cache a step reads is at most 2x
+  the longest live row (1.25x past 512 tokens).
 * **Prompts stored once.** A prompt is prefilled once into a pool entry that its K samples share
   (``models.slot_cache``, cascade attention): its keys and values are stored and read once per
   prompt, not once per sample. An entry is freed when its last sample ends.
@@ -37,11 +38,13 @@ from jaxrl_llm.errors import UserError
 from jaxrl_llm.models.layers import Context
 from jaxrl_llm.models.slot_cache import SlotLayerKV
 
-# Slots are never compacted below this many: a step's fixed cost hardly changes below it.
+# Slots are not compacted below this many while the caches are small: a step's matmuls hardly
+# get cheaper below it (``slot_floor``).
 _MIN_SLOTS = 8
 # Smallest completion-cache bucket (tokens): short rollouts compile one decode program.
 _MIN_BUCKET = 32
-# Completion caches longer than this make attention most of a step (see ``slot_floor``).
+# Completion caches longer than this make attention most of a step: past it the slots compact
+# down to one and the length buckets are quarter octaves (``slot_floor``, ``bucket``).
 _SMALL_CACHE = 512
 # Traces of the engine's programs (tests check that repeated calls reuse them).
 _TRACE_COUNT = 0
@@ -82,8 +85,15 @@ class Outputs(NamedTuple):
 
 
 def bucket(length: int, cap: int) -> int:
-    """The cache length for ``length`` tokens: a power of two >= it (at least ``_MIN_BUCKET``), capped."""
-    return min(max(_MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length()), cap)
+    """The cache length for ``length`` tokens, capped at ``cap``: a power of two >= it (at least
+    ``_MIN_BUCKET``) up to ``_SMALL_CACHE``; past it, where attention is most of a step, the next
+    quarter of an octave (640, 768, 896, 1024, 1280, ...): at most 1.25x the length, for a few more
+    compiled programs."""
+    size = max(_MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+    if size > _SMALL_CACHE:
+        step = size // 8  # length is in (size / 2, size]: quarters of that octave
+        size = -(-int(length) // step) * step
+    return min(size, cap)
 
 
 def slot_count(live: int, cap: int, *, floor: int = 1) -> int:

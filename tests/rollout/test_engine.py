@@ -156,7 +156,7 @@ def test_the_work_of_each_chunk_follows_the_live_rows(tmp_root, slots, monkeypat
     """Long-tailed lengths (lognormal; a few rows ~10x the median): each chunk's slots are at most
     2x its live rows (or the floor) and its completion cache at most 2x the longest live row (or
     the smallest bucket); the samples still equal the one-loop sampler's."""
-    monkeypatch.setattr(engine, "_SMALL_CACHE", 32)  # the floor drops to one slot past 32 tokens
+    monkeypatch.setattr(engine, "_SMALL_CACHE", 64)  # past 64 tokens: down to one slot, finer buckets
     model = family_model("llama", tmp_root, sharpen=False)  # near-uniform: token 0 only when imposed
     steps, n_prompts, k = 160, 6, 4
     ids, mask = prompt_batch(160, batch=n_prompts)
