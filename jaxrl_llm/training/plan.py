@@ -277,21 +277,29 @@ def _engine_decode_program(c: Config, graphdef, state, prompts: int, eos: int, d
     rows, steps = prompts * k, r.max_new_tokens
     slots = min(r.slots or rows, rows)
     entries = engine.pool_entries(slots, k, prompts)
-    policy = nnx.eval_shape(lambda: nnx.merge(graphdef, state.params["policy"],
-                                              *([] if state.base_params is None else [state.base_params])))
-    arguments = dict(model=policy, prompt_ids=np.zeros((1, 1), np.int32), prompt_mask=np.ones((1, 1), np.int32),
-                     max_new_tokens=steps, rng=jax.random.key(0), num_samples=k, temperature=r.temperature,
-                     top_k=r.top_k, top_p=r.top_p, eos_token_id=eos, pad_token_id=0, cache_dtype=dtype, mesh=None,
-                     row_offset=0, slots=None)
-    checked = sampler.check_sampling_arguments(arguments)
+
+    def policy(params, base_params):  # inside a trace: the model's arrays are tracers, not shapes
+        return nnx.merge(graphdef, models.cast_floating(params, dtype), *([] if base_params is None else [base_params]))
+
+    def options(model):
+        return sampler.check_sampling_arguments(dict(
+            model=model, prompt_ids=np.zeros((1, 1), np.int32), prompt_mask=np.ones((1, 1), np.int32),
+            max_new_tokens=steps, rng=jax.random.key(0), num_samples=k, temperature=r.temperature, top_k=r.top_k,
+            top_p=r.top_p, eos_token_id=eos, pad_token_id=0, cache_dtype=dtype, mesh=None, row_offset=0, slots=None))
+
+    def empty(params, base_params):
+        model = policy(params, base_params)
+        return (engine._empty_pool(model, entries, r.prompt_length, dtype),
+                engine._empty_slots(model, slots, max(steps - 1, 1), dtype))
+
+    pool, chunk = jax.eval_shape(empty, state.params["policy"], state.base_params)
     spec = jax.ShapeDtypeStruct
-    pool = jax.eval_shape(lambda: engine._empty_pool(policy, entries, r.prompt_length, dtype))
-    chunk = jax.eval_shape(lambda: engine._empty_slots(policy, slots, max(steps - 1, 1), dtype))
     out = engine.Outputs(spec((rows, steps), jnp.int32), spec((rows, steps), jnp.float32), spec((rows,), jnp.int32))
     per_slot = spec((slots,), jnp.int32)
 
     def decode(params, base_params, pool, chunk, out, uniforms, admit, members):
-        model = nnx.merge(graphdef, models.cast_floating(params, dtype), *([] if base_params is None else [base_params]))
+        model = policy(params, base_params)
+        checked = options(model)
         return engine._decode_impl(checked.opts, model, pool, chunk, out, uniforms, checked.params, admit, members,
                                    jnp.int32(0))
 
