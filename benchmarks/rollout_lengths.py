@@ -194,7 +194,7 @@ def long_tail(args, ours, ids, mask, lengths, repeats):
     return rows
 
 
-def kv_bytes(ours, steps, repeats_unused=None):
+def kv_bytes(ours, steps):
     """The cache one loop and the engine hold and read per step, P = 1024, K = 16, from a schedule."""
     import jax
     import numpy as np
